@@ -1,0 +1,1 @@
+"""Data: synthetic stream, raw-format readers, the stage store and its loaders."""

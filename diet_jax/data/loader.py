@@ -1,0 +1,114 @@
+"""grain pipelines over the memory-mapped stage store.
+
+Items are whole batches: the pipeline maps a batch index to a gather of rows from the memmaps,
+so there is no Python work per row. Shuffling is a permutation drawn from (seed, epoch), so an
+epoch's batches are the same on every run and every machine.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from collections.abc import Iterator
+
+import grain
+import jax
+import numpy as np
+
+from diet_jax.data.store import Stage
+
+
+class _GatherBatch(grain.transforms.Map):
+    """Batch index -> {"x": int32 [B, F], "y": uint8 [B, K], "w": float32 [B]}."""
+
+    def __init__(self, stage: Stage, order_N: np.ndarray, batch_size: int, pad: bool):
+        self._x, self._y = stage.x_NxF, stage.y_NxK
+        self._order = order_N
+        self._batch_size = batch_size
+        self._pad = pad
+
+    def map(self, b: int) -> dict[str, np.ndarray]:
+        idx = self._order[b * self._batch_size : (b + 1) * self._batch_size]
+        # Sorted reads are sequential on disk; the order of rows inside a batch does not matter.
+        idx = np.sort(idx)
+        x, y = np.asarray(self._x[idx]), np.asarray(self._y[idx])
+        w = np.ones(idx.size, np.float32)
+        short = self._batch_size - idx.size
+        if self._pad and short > 0:
+            x = np.concatenate([x, np.zeros((short, x.shape[1]), x.dtype)])
+            y = np.concatenate([y, np.zeros((short, y.shape[1]), y.dtype)])
+            w = np.concatenate([w, np.zeros(short, np.float32)])
+        return {"x": x, "y": y, "w": w}
+
+
+def num_batches(rows: int, batch_size: int, drop_remainder: bool) -> int:
+    return rows // batch_size if drop_remainder else -(-rows // batch_size)
+
+
+def epoch_order(rows: int, *, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
+    if not shuffle:
+        return np.arange(rows, dtype=np.int64)
+    return np.random.default_rng([seed, epoch]).permutation(rows)
+
+
+def batch_dataset(
+    stage: Stage,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    drop_remainder: bool = True,
+) -> grain.MapDataset:
+    """A grain MapDataset of batches over one stage, for one epoch.
+
+    With `drop_remainder=False` the last batch is padded to `batch_size` with weight-0 rows
+    (`w`), so every batch has one static shape and jitted steps compile once.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    n = num_batches(len(stage), batch_size, drop_remainder)
+    order = epoch_order(len(stage), shuffle=shuffle, seed=seed, epoch=epoch)
+    return grain.MapDataset.range(n).map(
+        _GatherBatch(stage, order, batch_size, pad=not drop_remainder)
+    )
+
+
+def iterate(ds: grain.MapDataset, *, threads: int = 2, prefetch: int = 4) -> Iterator[dict]:
+    """Iterates a batch dataset with background reads (grain threads) in a fixed order."""
+    return iter(
+        ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
+    )
+
+
+def prefetch_to_device(it: Iterator[dict], size: int = 2, sharding=None) -> Iterator[dict]:
+    """Keeps `size` batches already transferred to the device while the current step runs."""
+    queue: collections.deque = collections.deque()
+
+    def put(batch):
+        return jax.device_put(batch, sharding) if sharding is not None else jax.device_put(batch)
+
+    for batch in itertools.islice(it, size):
+        queue.append(put(batch))
+    for batch in it:
+        queue.append(put(batch))
+        yield queue.popleft()
+    while queue:
+        yield queue.popleft()
+
+
+def device_batches(
+    stage: Stage,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    drop_remainder: bool = True,
+    sharding=None,
+) -> Iterator[dict]:
+    """The usual composition: a stage's batches, read in the background, prefetched to device."""
+    ds = batch_dataset(
+        stage, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_remainder=drop_remainder
+    )
+    return prefetch_to_device(iterate(ds), sharding=sharding)

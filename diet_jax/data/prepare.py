@@ -1,0 +1,30 @@
+"""Builds (or finds) the stage store for a config."""
+
+from __future__ import annotations
+
+import os
+
+from absl import logging
+
+from diet_jax.data import synthetic
+from diet_jax.data.store import StageStore
+
+SOURCES = ("synthetic",)
+
+
+def store_root(config, workdir: str) -> str:
+    return config.data.store_dir or os.path.join(workdir, "data")
+
+
+def prepare(config, workdir: str) -> StageStore:
+    """Returns the stage store of `config.data`, writing it first if it does not exist yet."""
+    root = store_root(config, workdir)
+    if StageStore.exists(root):
+        logging.info("data: using the stage store at %s", root)
+        return StageStore(root)
+    source = config.data.source
+    if source == "synthetic":
+        synthetic.generate(config.data, root, progress=config.progress)
+    else:
+        raise ValueError(f"Unsupported data source: {source!r}; available: {', '.join(SOURCES)}.")
+    return StageStore(root)

@@ -1,0 +1,41 @@
+"""Entry point: `python -m diet_jax.main --config=configs/synthetic.py --workdir=DIR`.
+
+Kept thin on purpose: flags and config here, the pipeline in `diet_jax.pipeline`.
+"""
+
+import logging as std_logging
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from diet_jax import pipeline
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Config file, e.g. configs/synthetic.py or configs/synthetic.py:tiny.",
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Where the run writes its artifacts; a rerun resumes there."
+)
+
+
+class _QuietLibraries(std_logging.Filter):
+    """Orbax logs every file it writes at INFO; keep the run's own INFO lines readable."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    pipeline.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

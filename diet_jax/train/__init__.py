@@ -1,0 +1,1 @@
+"""Training: pure train/eval steps, epoch loops, and the reference (teacher) model."""

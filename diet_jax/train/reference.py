@@ -1,0 +1,110 @@
+"""The reference (teacher) model, trained continually: phi_t = Update(phi_{t-1}, D_t).
+
+One epoch per historical stage in time order; parameters and optimizer moments are inherited;
+every stage's state is saved with Orbax under `<workdir>/teacher/stage_<t>`; a rerun restores
+finished stages instead of training them again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+from absl import logging
+
+from diet_jax import checkpoint
+from diet_jax.data.store import StageStore
+from diet_jax.io_utils import MetricsWriter
+from diet_jax.models import build_model
+from diet_jax.models.factory import RecModel
+from diet_jax.train import loop
+from diet_jax.train.optim import make_optimizer
+from diet_jax.train.steps import TrainState, create_train_state, make_predict_step, make_train_step
+
+
+@dataclasses.dataclass
+class ReferenceRun:
+    model: RecModel
+    final: TrainState  # phi_T
+    stage_names: list[str]  # historical stages, in time order
+    workdir: str
+    train_seconds: float  # time spent training in this run (0 when everything was restored)
+    train_samples: int
+    restored: list[str]  # stages found on disk and skipped
+
+    def stage_state(self, t: int) -> TrainState:
+        """phi_t (1-based), read back from its checkpoint: the live state is donated step by step."""
+        if not 1 <= t <= len(self.stage_names):
+            raise ValueError(f"No teacher stage {t}; stages are 1..{len(self.stage_names)}.")
+        return checkpoint.restore(checkpoint_dir(self.workdir, t), self.final)
+
+
+def checkpoint_dir(workdir: str, t: int) -> str:
+    return os.path.join(workdir, "teacher", f"stage_{t:02d}")
+
+
+def train_reference(
+    config, store: StageStore, workdir: str, writer: MetricsWriter | None = None
+) -> ReferenceRun:
+    fmap = store.feature_map
+    model = build_model(config.model, fmap, name=config.teacher.model)
+    tx = make_optimizer(config.train)
+    params, model_state = model.init(jax.random.key(config.seed))
+    state = create_train_state(params, model_state, tx)
+    train_step = make_train_step(model, tx)
+    predict_step = make_predict_step(model)
+    validation = store.stages("validation")[0]
+
+    names, restored = [], []
+    seconds, samples = 0.0, 0
+    for t, info in enumerate(fmap.stages_with_role("historical"), start=1):
+        path = checkpoint_dir(workdir, t)
+        if checkpoint.exists(path):
+            state = checkpoint.restore(path, state)
+            restored.append(info.name)
+            logging.info("teacher: restored %s from %s", info.name, path)
+        else:
+            state, stats = loop.train_epoch(
+                train_step,
+                state,
+                store.stage(info.name),
+                batch_size=config.train.batch_size,
+                seed=config.seed,
+                epoch=t,
+                desc=f"teacher {info.name}",
+                writer=writer,
+                log_every=config.train.log_every,
+                progress=config.progress,
+                log_fields={"stage": info.name},
+            )
+            seconds += stats["seconds"]
+            samples += stats["samples"]
+            val = loop.evaluate(
+                predict_step,
+                state.params,
+                state.model_state,
+                validation,
+                config.train.eval_batch_size,
+                fmap.tasks,
+            )
+            if writer is not None:
+                writer.write(
+                    phase="teacher_stage",
+                    stage=info.name,
+                    seconds=stats["seconds"],
+                    samples=stats["samples"],
+                    samples_per_second=stats["samples"] / stats["seconds"],
+                    train_loss=stats["loss"],
+                    val_auc=val["auc"],
+                    val_logloss=val["logloss"],
+                )
+            logging.info(
+                "teacher %s: %.1f samples/s, val AUC %.4f",
+                info.name,
+                stats["samples"] / stats["seconds"],
+                val["auc"],
+            )
+            checkpoint.save(path, state)
+        names.append(info.name)
+    return ReferenceRun(model, state, names, workdir, seconds, samples, restored)

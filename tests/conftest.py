@@ -1,0 +1,58 @@
+"""Shared test setup: a persistent compilation cache, strict numerics, one tiny config."""
+
+import os
+import sys
+
+import jax
+
+# Four simulated CPU devices are available to tests that shard; everything else uses device 0.
+jax.config.update("jax_num_cpu_devices", 4)
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.environ.get("DIET_JAX_CACHE", os.path.expanduser("~/.cache/diet_jax_jax_cache")),
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def load_config(name: str = "synthetic", arg: str | None = "tiny"):
+    """configs/<name>.py's get_config(arg); configs/ is a folder of files, not a package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        f"config_{name}", os.path.join(ROOT, "configs", f"{name}.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.fixture
+def tiny_config():
+    return load_config("synthetic", "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory):
+    """The tiny synthetic stream, generated once per test session."""
+    from diet_jax.data import synthetic
+    from diet_jax.data.store import StageStore
+
+    root = str(tmp_path_factory.mktemp("store") / "data")
+    synthetic.generate(load_config("synthetic", "tiny").data, root, progress=False)
+    return StageStore(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One full `pipeline.run` of the tiny config, shared by the tests that read its artifacts."""
+    from diet_jax import pipeline
+
+    workdir = str(tmp_path_factory.mktemp("run"))
+    res = pipeline.run(load_config("synthetic", "tiny"), workdir)
+    return workdir, res
