@@ -40,6 +40,10 @@ def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
     c.train.batch_size = 256 if tiny else 1024
     c.train.eval_batch_size = 1024 if tiny else 8192
     c.train.log_every = 5 if tiny else 50
+    # How the embedding table is updated (train/sparse.py): "dense_adam" (optax over every row),
+    # "lazy_adam" or "rowwise_adagrad" (only the rows a batch touches). README: the evidence.
+    c.train.embedding_optimizer = "dense_adam"
+    c.train.adagrad_learning_rate = 0.01  # rowwise_adagrad's step size for the table
 
     # ------------------------------------------------------------------ distill
     # DIET distillation (phase 1 boundary memory, phase 2 bi-level refinement).

@@ -1,0 +1,67 @@
+"""Teacher training throughput: samples/s and step time on whatever device JAX finds.
+
+    python experiments/bench_teacher.py --config=configs/synthetic.py [--workdir=/tmp/bench] [--steps=100]
+
+Times the jitted, donating train step of the reference model over real batches of the first
+historical stage, fed by the same loader as training, after a warm-up that compiles it.
+"""
+
+import os
+import tempfile
+import time
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from diet_jax.data import loader, prepare
+from diet_jax.models import build_model
+from diet_jax.train.optim import make_optimizer
+from diet_jax.train.steps import create_train_state, make_train_step
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/synthetic.py", "Config file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Where the stage store is (or is written); a temp dir if unset."
+)
+_STEPS = flags.DEFINE_integer("steps", 100, "Timed steps.")
+_WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed steps (compilation).")
+
+
+def main(_):
+    config = _CONFIG.value
+    workdir = _WORKDIR.value or os.path.join(tempfile.gettempdir(), "diet_bench_teacher")
+    store = prepare.prepare(config, workdir)
+    stage = store.stages("historical")[0]
+    model = build_model(config.model, store.feature_map, name=config.teacher.model)
+    tx = make_optimizer(config.train)
+    params, model_state = model.init(jax.random.key(0))
+    state = create_train_state(params, model_state, tx)
+    step = make_train_step(model, tx)
+    bs = config.train.batch_size
+    needed = _WARMUP.value + _STEPS.value
+    epochs = range(-(-needed * bs // len(stage)) + 1)
+    batches = (
+        b for e in epochs for b in loader.device_batches(stage, bs, shuffle=True, seed=0, epoch=e)
+    )
+
+    for _ in range(_WARMUP.value):
+        state, m = step(state, next(batches))
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for _ in range(_STEPS.value):
+        state, m = step(state, next(batches))
+    jax.block_until_ready(state)
+    seconds = time.perf_counter() - start
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    print(
+        f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  model: {config.teacher.model}  params: {n_params:,}"
+    )
+    print(
+        f"batch {bs}: {_STEPS.value * bs / seconds:,.0f} samples/s, {1e3 * seconds / _STEPS.value:.2f} ms/step (loader included)"
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,97 @@
+"""The reference model and main: quality, checkpoints, resumption, the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from diet_jax import pipeline
+from diet_jax.results import METHODS
+from diet_jax.train.reference import checkpoint_dir, train_reference
+from tests.conftest import ROOT, load_config
+
+
+def test_results_json_keeps_the_contract(tiny_run):
+    workdir, res = tiny_run
+    on_disk = json.load(open(os.path.join(workdir, "results.json")))
+    assert on_disk == json.loads(json.dumps(res))
+    assert {"dataset", "ratio", "devices", "stages", "results", "fidelity", "timings"} <= set(
+        on_disk
+    )
+    assert on_disk["dataset"] == "synthetic" and on_disk["devices"] >= 1
+    assert [s["role"] for s in on_disk["stages"]][-3:] == ["subsequent", "validation", "test"]
+    for r in on_disk["results"]:
+        assert r["method"] in METHODS
+        assert {
+            "method",
+            "model",
+            "auc",
+            "logloss",
+            "per_task",
+            "train_seconds",
+            "train_samples",
+        } <= set(r)
+        assert set(r["per_task"]) == {"click", "like", "buy"}
+    ref = [r for r in on_disk["results"] if r["method"] == "reference"]
+    assert len(ref) == 1 and ref[0]["model"] == "dcn"
+    # Clearly better than chance, and no better than the known optimum.
+    assert 0.6 < ref[0]["auc"] < on_disk["oracle"]["test"]["auc"]
+    assert os.path.exists(os.path.join(workdir, "config.json"))
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert any(line["phase"] == "teacher_stage" for line in lines)
+
+
+def test_stage_checkpoints_restore_bit_identical_parameters(tmp_path, tiny_config, tiny_store):
+    workdir = str(tmp_path)
+    run = train_reference(tiny_config, tiny_store, workdir)
+    final = jax.tree.map(np.asarray, run.final.params)
+    assert run.restored == [] and len(run.stage_names) == 3
+    assert all(os.path.isdir(checkpoint_dir(workdir, t)) for t in (1, 2, 3))
+    again = train_reference(tiny_config, tiny_store, workdir)
+    assert again.restored == run.stage_names and again.train_seconds == 0.0
+    jax.tree.map(np.testing.assert_array_equal, final, jax.tree.map(np.asarray, again.final.params))
+    # Stages differ from each other: each checkpoint is its own stage's state.
+    s1 = again.stage_state(1).params["dense"]
+    assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, s1, again.final.params["dense"])))
+
+
+def test_rerun_of_pipeline_skips_finished_stages(tiny_run):
+    workdir, first = tiny_run
+    second = pipeline.run(load_config("synthetic", "tiny"), workdir)
+    assert second["timings"]["teacher_restored_stages"] == ["stage_1", "stage_2", "stage_3"]
+    ref = lambda res: next(r for r in res["results"] if r["method"] == "reference")  # noqa: E731
+    assert ref(second)["auc"] == ref(first)["auc"]
+
+
+def test_cli_overrides_and_rejects_unknown_keys(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    base = [
+        sys.executable,
+        "-m",
+        "diet_jax.main",
+        "--config=configs/synthetic.py:tiny",
+        f"--workdir={tmp_path}",
+    ]
+    bad = subprocess.run(
+        base + ["--config.train.batchsize=3"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert bad.returncode != 0 and 'Did you mean "batch_size"' in bad.stderr
+    neg = subprocess.run(
+        base + ["--config.train.batch_size=-1"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert neg.returncode != 0 and "config.train.batch_size must be positive" in neg.stderr
+    ok = subprocess.run(
+        base + ["--config.train.log_every=7", "--config.data.stage_rows=1024"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    cfg = json.load(open(tmp_path / "config.json"))
+    assert cfg["train"]["log_every"] == 7
+    res = json.load(open(tmp_path / "results.json"))
+    assert res["stages"][0]["rows"] == 1024
