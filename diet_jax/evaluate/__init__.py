@@ -1,0 +1,1 @@
+"""Evaluation: the candidate protocol, baselines under it, fidelity, report and plots."""

@@ -1,0 +1,101 @@
+"""Evaluation: fidelity figures, selection baselines and the candidate protocol."""
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+
+from diet_jax import baselines
+from diet_jax.evaluate import fidelity
+
+
+def test_spearman_and_kendall_match_hand_computation():
+    a = [0.70, 0.72, 0.71, 0.75, 0.74]
+    b = [0.60, 0.65, 0.61, 0.66, 0.67]
+    # ranks a: 1 3 2 5 4; ranks b: 1 3 2 4 5 -> d^2 = 0+0+0+1+1 = 2 -> rho = 1 - 6*2/(5*24) = 0.9
+    assert fidelity.spearman(a, b) == pytest.approx(0.9)
+    # 10 pairs, one discordant (models 4 and 5): tau = (9 - 1) / 10
+    assert fidelity.kendall(a, b) == pytest.approx(0.8)
+    assert fidelity.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert fidelity.kendall([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_kendall_tau_b_with_ties_matches_brute_force():
+    a = np.array([1, 2, 2, 3, 4, 4])
+    b = np.array([2, 1, 3, 3, 5, 4])
+    conc = disc = ties_a = ties_b = 0
+    for i, j in itertools.combinations(range(6), 2):
+        s = np.sign(a[i] - a[j]) * np.sign(b[i] - b[j])
+        conc += s > 0
+        disc += s < 0
+        ties_a += a[i] == a[j]
+        ties_b += b[i] == b[j]
+    n0 = 15
+    expected = (conc - disc) / np.sqrt((n0 - ties_a) * (n0 - ties_b))
+    assert fidelity.kendall(a, b) == pytest.approx(expected)
+    # Spearman with ties: Pearson of average ranks.
+    ra = np.array([1, 2.5, 2.5, 4, 5.5, 5.5])
+    rb = np.array([2, 1, 3.5, 3.5, 6, 5])
+    assert fidelity.spearman(a, b) == pytest.approx(np.corrcoef(ra, rb)[0, 1])
+
+
+def test_fidelity_table_cost_ratio_and_correlations():
+    def r(method, model, auc, secs):
+        return {"method": method, "model": model, "auc": auc, "train_seconds": secs}
+
+    results = [
+        r("full_data", "dcn", 0.70, 100.0),
+        r("full_data", "wukong", 0.72, 200.0),
+        r("full_data", "finalmlp", 0.71, 100.0),
+        r("diet", "dcn", 0.69, 10.0),
+        r("diet", "wukong", 0.715, 20.0),
+        r("diet", "finalmlp", 0.70, 10.0),
+        r("random", "dcn", 0.69, 40.0),
+        r("random", "wukong", 0.68, 40.0),
+        r("reference", "dcn", 0.7, 1.0),
+    ]
+    table = fidelity.fidelity_table(results)
+    assert set(table) == {"diet", "random"}
+    assert table["diet"]["cost_ratio"] == pytest.approx(400 / 40)
+    assert table["diet"]["spearman"] == pytest.approx(1.0)
+    assert table["diet"]["kendall"] == pytest.approx(1.0)
+    assert table["random"]["models"] == ["dcn", "wukong"]
+    assert table["random"]["kendall"] == pytest.approx(-1.0)
+    assert table["random"]["cost_ratio"] == pytest.approx(300 / 80)
+    assert table["diet"]["mean_auc_gap"] == pytest.approx(np.mean([-0.01, -0.005, -0.01]))
+
+
+@pytest.mark.parametrize("rows,ratio", [(1000, 0.015), (10, 0.01), (7, 1.0)])
+def test_budget(rows, ratio):
+    n = baselines.budget(rows, ratio)
+    assert n == max(1, min(rows, round(rows * ratio)))
+
+
+def test_random_rows_exact_count_distinct_and_seeded():
+    idx = baselines.random_rows(1000, 37, seed=3)
+    assert idx.size == 37 and np.unique(idx).size == 37 and (np.diff(idx) > 0).all()
+    np.testing.assert_array_equal(idx, baselines.random_rows(1000, 37, seed=3))
+
+
+def test_kmeans_finds_separated_clusters_and_selection_is_exact():
+    rng = np.random.default_rng(0)
+    centers = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    sizes = [50, 100, 150]
+    x = np.concatenate([rng.normal(c, 0.1, (s, 2)) for c, s in zip(centers, sizes, strict=True)]).astype(np.float32)
+    c, assign, dist = baselines.kmeans(x, jax.random.key(1), k=3, iters=10)
+    found = np.asarray(c)[np.argsort(np.asarray(c)[:, 0] + 100 * np.asarray(c)[:, 1])]
+    np.testing.assert_allclose(found, centers[[0, 1, 2]], atol=0.1)
+    # Squared distances are right.
+    np.testing.assert_allclose(np.asarray(dist), ((x - np.asarray(c)[np.asarray(assign)]) ** 2).sum(1), atol=1e-4)
+    for n in (1, 7, 30, 299):
+        idx = baselines.kmeans_rows(x, n, k=3, iters=10, seed=0)
+        assert idx.size == n and np.unique(idx).size == n
+
+
+def test_nearest_to_centroids_quota_and_order():
+    assign = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 2])
+    dist = np.array([4, 1, 3, 2, 9, 8, 6, 5, 4, 3, 2, 1], dtype=float)
+    # n=6 over sizes 4,2,6 -> exact 2,1,3 -> nearest 2 of cluster 0, 1 of cluster 1, 3 of cluster 2.
+    idx = baselines.nearest_to_centroids(assign, dist, 3, 6)
+    np.testing.assert_array_equal(idx, [1, 3, 5, 9, 10, 11])
