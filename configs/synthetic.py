@@ -1,8 +1,8 @@
 """The synthetic multi-task stream: the embedded default data, no download needed.
 
-    python -m diet_jax.main --config=configs/synthetic.py --workdir=runs/synthetic
-    python -m diet_jax.main --config=configs/synthetic.py:tiny --workdir=/tmp/diet_tiny
-    python -m diet_jax.main --config=configs/synthetic.py --config.train.batch_size=2048 ...
+python -m diet_jax.main --config=configs/synthetic.py --workdir=runs/synthetic
+python -m diet_jax.main --config=configs/synthetic.py:tiny --workdir=/tmp/diet_tiny
+python -m diet_jax.main --config=configs/synthetic.py --config.train.batch_size=2048 ...
 """
 
 import ml_collections
@@ -13,7 +13,9 @@ from diet_jax.defaults import base_config
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = arg or "default"
     if variant not in ("default", "tiny"):
-        raise ValueError(f"Unknown variant {variant!r} of configs/synthetic.py; use ':tiny' or nothing.")
+        raise ValueError(
+            f"Unknown variant {variant!r} of configs/synthetic.py; use ':tiny' or nothing."
+        )
     tiny = variant == "tiny"
     c = base_config(tiny)
 

@@ -1,7 +1,9 @@
 """Selection baselines: which rows of a historical stage to keep, n = ratio x |D_t| of them.
 
-Each returns sorted row indices; the caller converts the rows to (embedding, teacher logits)
-pairs with the stage's teacher, exactly as DIET's memory is built, so every method trains
+Random and K-means live here; the EL2N-percentile baseline is DIET phase 1's own
+`distill.phase1.select_percentile` over the whole stage. Each returns sorted row indices; the
+caller converts the rows to (embedding, teacher logits) pairs with the stage's teacher
+(`distill.phase1.to_memory`), exactly as DIET's memory is built, so every method trains
 candidates on the same kind of data.
 """
 
@@ -12,11 +14,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-
-def budget(rows: int, ratio: float) -> int:
-    """n_t = ratio x |D_t|, at least one row."""
-    return max(1, min(rows, int(round(ratio * rows))))
 
 
 def random_rows(rows: int, n: int, seed: int) -> np.ndarray:

@@ -27,10 +27,48 @@ def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
     c.model.dcn.num_cross_layers = 2 if tiny else 3
     c.model.dcn.hidden = (32, 16) if tiny else (256, 128)
     c.model.dcn.use_bn = False
+    # Model zoo (README "Model zoo"): FuxiCTR's defaults where CPU-affordable, else scaled down.
+    c.model.dcnv2 = ml_collections.ConfigDict()
+    c.model.dcnv2.structure = "parallel"  # parallel | stacked | stacked_parallel | crossnet_only
+    c.model.dcnv2.num_cross_layers = 2 if tiny else 3
+    c.model.dcnv2.low_rank_mixture = False  # True: CrossNetMix instead of full-rank CrossNetV2
+    c.model.dcnv2.low_rank = 4 if tiny else 32
+    c.model.dcnv2.num_experts = 2 if tiny else 4
+    c.model.dcnv2.stacked_hidden = (32, 16) if tiny else (500, 500, 500)
+    c.model.dcnv2.parallel_hidden = (32, 16) if tiny else (500, 500, 500)
+    c.model.dcnv2.use_bn = False
+    c.model.finalnet = ml_collections.ConfigDict()
+    c.model.finalnet.block_type = "2B"  # 1B | 2B (two blocks, self-distillation)
+    c.model.finalnet.use_bn = True
+    c.model.finalnet.feature_gating = True
+    c.model.finalnet.block1_hidden = (16, 16) if tiny else (64, 64, 64)
+    c.model.finalnet.block2_hidden = (16, 16) if tiny else (64, 64, 64)
+    c.model.finalnet.act = "none"  # reference default; FuxiCTR's tuned configs use relu
+    c.model.finalnet.residual_type = "concat"  # concat | sum
+    c.model.finalmlp = ml_collections.ConfigDict()
+    c.model.finalmlp.mlp1_hidden = (32, 16) if tiny else (512, 256)
+    c.model.finalmlp.mlp2_hidden = (32, 16) if tiny else (512, 256, 128)
+    c.model.finalmlp.use_bn = False
+    c.model.finalmlp.use_fs = True
+    c.model.finalmlp.fs_hidden = (16,) if tiny else (512, 256)
+    c.model.finalmlp.fs1_context = ()  # field indices; () = a learned context vector
+    c.model.finalmlp.fs2_context = ()
+    c.model.finalmlp.num_heads = 2
+    c.model.finalmlp.fusion_dim = 8 if tiny else 16  # fusion outputs = the head's input
+    c.model.wukong = ml_collections.ConfigDict()
+    c.model.wukong.num_layers = 2 if tiny else 3
+    c.model.wukong.lcb_features = 4 if tiny else 16
+    c.model.wukong.fmb_features = 4 if tiny else 16
+    c.model.wukong.rank_k = 4 if tiny else 8  # 0: vanilla FM X X^T
+    c.model.wukong.fmb_hidden = (16,) if tiny else (256,)
+    c.model.wukong.top_hidden = (16,) if tiny else (256, 128)
+    c.model.wukong.top_bn = True
+    c.model.wukong.layer_norm = True
 
     # ------------------------------------------------------------------ teacher
     c.teacher = ml_collections.ConfigDict()
     c.teacher.model = "dcn"  # the reference model's backbone
+    c.teacher.checkpoint_dir = ""  # "" means <workdir>/teacher; set to share one teacher across runs
 
     # ------------------------------------------------------------------ train
     c.train = ml_collections.ConfigDict()
@@ -48,8 +86,47 @@ def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
     # ------------------------------------------------------------------ distill
     # DIET distillation (phase 1 boundary memory, phase 2 bi-level refinement).
     c.distill = ml_collections.ConfigDict()
+    c.distill.percentile = 0.9  # phase 1: EL2N rank kept per label group ("upper-middle")
+    c.distill.outer_iterations = 8 if tiny else 40  # phase 2 iterations per stage (README)
+    c.distill.inner_steps = 4 if tiny else 20  # M: proxy SGD steps on the active memory
+    c.distill.window = 2 if tiny else 10  # W: differentiated steps (RaT-BPTT)
+    c.distill.inner_lr = 0.05
+    c.distill.meta_lr_embed = 1e-3
+    c.distill.meta_lr_labels = 1e-2
+    c.distill.learn_labels = True  # soft labels are optimized with the embeddings
+    c.distill.max_grad_norm = 1.0  # meta-gradient clipping (global norm; 0 = off)
+    c.distill.hard_fraction = 0.1  # hard targets per real minibatch
+    c.distill.active_size = 0  # active memory rows; 0 = window x inner_steps (paper A.3)
+    c.distill.batch_size = 0  # real minibatch; 0 = train.batch_size
+    # Ablation switches (paper Table 4); off = the plain variant (no fusion / random subsets).
+    c.distill.memory_fusion = True
+    c.distill.target_selection = True
+    c.distill.memory_selection = True
+    c.distill.influence_at = "proxy"  # A(x, z) at the proxy's theta_0, or "teacher" (phi_t)
+    c.distill.remat = False  # jax.checkpoint on the differentiated inner steps
+    c.distill.chunk_size = 256 if tiny else 8192  # rows per chunk in influence sums
+    c.distill.checkpoint_every = 0 if tiny else 10  # outer iterations between checkpoints
+    c.distill.log_every = 2 if tiny else 5
 
     # ------------------------------------------------------------------ evaluate
     # Candidate evaluation protocol, baselines, fidelity and report.
     c.evaluate = ml_collections.ConfigDict()
+    c.evaluate.methods = (
+        "full_data",
+        "cold_start",
+        "warmup_start",
+        "random",
+        "kmeans",
+        "el2n",
+        "diet",
+    )
+    c.evaluate.models = ("dcn", "wukong") if tiny else ("dcn", "dcnv2", "finalnet", "finalmlp", "wukong")
+    c.evaluate.max_epochs = 3 if tiny else 8  # epochs on the reduced rows; best by validation AUC
+    c.evaluate.learning_rate = 3e-3 if tiny else 1e-3  # Adam on the reduced rows
+    c.evaluate.rows_batch_size = 64 if tiny else 256
+    c.evaluate.el2n_percentile = 0.9  # the EL2N baseline keeps the rows around this score rank
+    c.evaluate.kmeans_clusters = 8 if tiny else 128
+    c.evaluate.kmeans_iters = 5 if tiny else 20
+    c.evaluate.kmeans_max_rows = 200_000  # K-means runs on a seeded subsample of larger stages
+    c.evaluate.rerun = False  # True: recompute (method, model) entries already in results.json
     return c

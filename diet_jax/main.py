@@ -4,7 +4,9 @@ Kept thin on purpose: flags and config here, the pipeline in `diet_jax.pipeline`
 """
 
 import logging as std_logging
+import os
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -33,6 +35,9 @@ def main(argv):
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    # Compiled steps are cached on disk, so a rerun (or a resumed run) skips most compilation.
+    cache = os.environ.get("DIET_JAX_CACHE", os.path.expanduser("~/.cache/diet_jax_jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", cache)
     pipeline.run(_CONFIG.value, _WORKDIR.value)
 
 

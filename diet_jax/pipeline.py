@@ -15,6 +15,7 @@ from absl import logging
 
 from diet_jax import results as results_lib
 from diet_jax.data import prepare
+from diet_jax.evaluate import methods, report
 from diet_jax.io_utils import MetricsWriter, atomic_write_json
 from diet_jax.train import loop
 from diet_jax.train.reference import train_reference
@@ -91,7 +92,19 @@ def run(config, workdir: str) -> dict:
         else:
             res["reference_validation"] = m
 
+    diet_memory = None  # set by the distillation phase
+
+    # ---------------------------------------------------------------- Candidates x methods
+    if config.evaluate.methods and config.evaluate.models:
+
+        def save(r):
+            if is_main:
+                results_lib.save(workdir, r)
+
+        methods.run_all(config, store, ref, workdir, res, diet_memory, writer, save=save)
+
     timings["total_seconds"] = time.perf_counter() - t_start
     if is_main:
         results_lib.save(workdir, res)
+        report.write_report(workdir, res)
     return res

@@ -66,12 +66,6 @@ def test_fidelity_table_cost_ratio_and_correlations():
     assert table["diet"]["mean_auc_gap"] == pytest.approx(np.mean([-0.01, -0.005, -0.01]))
 
 
-@pytest.mark.parametrize("rows,ratio", [(1000, 0.015), (10, 0.01), (7, 1.0)])
-def test_budget(rows, ratio):
-    n = baselines.budget(rows, ratio)
-    assert n == max(1, min(rows, round(rows * ratio)))
-
-
 def test_random_rows_exact_count_distinct_and_seeded():
     idx = baselines.random_rows(1000, 37, seed=3)
     assert idx.size == 37 and np.unique(idx).size == 37 and (np.diff(idx) > 0).all()
@@ -82,12 +76,16 @@ def test_kmeans_finds_separated_clusters_and_selection_is_exact():
     rng = np.random.default_rng(0)
     centers = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
     sizes = [50, 100, 150]
-    x = np.concatenate([rng.normal(c, 0.1, (s, 2)) for c, s in zip(centers, sizes, strict=True)]).astype(np.float32)
+    x = np.concatenate(
+        [rng.normal(c, 0.1, (s, 2)) for c, s in zip(centers, sizes, strict=True)]
+    ).astype(np.float32)
     c, assign, dist = baselines.kmeans(x, jax.random.key(1), k=3, iters=10)
     found = np.asarray(c)[np.argsort(np.asarray(c)[:, 0] + 100 * np.asarray(c)[:, 1])]
     np.testing.assert_allclose(found, centers[[0, 1, 2]], atol=0.1)
     # Squared distances are right.
-    np.testing.assert_allclose(np.asarray(dist), ((x - np.asarray(c)[np.asarray(assign)]) ** 2).sum(1), atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(dist), ((x - np.asarray(c)[np.asarray(assign)]) ** 2).sum(1), atol=1e-4
+    )
     for n in (1, 7, 30, 299):
         idx = baselines.kmeans_rows(x, n, k=3, iters=10, seed=0)
         assert idx.size == n and np.unique(idx).size == n

@@ -10,7 +10,7 @@ import numpy as np
 
 from diet_jax import pipeline
 from diet_jax.results import METHODS
-from diet_jax.train.reference import checkpoint_dir, train_reference
+from diet_jax.train.reference import checkpoint_dir, teacher_root, train_reference
 from tests.conftest import ROOT, load_config
 
 
@@ -49,7 +49,7 @@ def test_stage_checkpoints_restore_bit_identical_parameters(tmp_path, tiny_confi
     run = train_reference(tiny_config, tiny_store, workdir)
     final = jax.tree.map(np.asarray, run.final.params)
     assert run.restored == [] and len(run.stage_names) == 3
-    assert all(os.path.isdir(checkpoint_dir(workdir, t)) for t in (1, 2, 3))
+    assert all(os.path.isdir(checkpoint_dir(teacher_root(tiny_config, workdir), t)) for t in (1, 2, 3))
     again = train_reference(tiny_config, tiny_store, workdir)
     assert again.restored == run.stage_names and again.train_seconds == 0.0
     jax.tree.map(np.testing.assert_array_equal, final, jax.tree.map(np.asarray, again.final.params))

@@ -6,10 +6,18 @@ import os
 
 from absl import logging
 
-from diet_jax.data import synthetic
+from diet_jax.data import kuairand, movielens, synthetic, taobao, tmall
 from diet_jax.data.store import StageStore
 
-SOURCES = ("synthetic",)
+SOURCES = ("synthetic", "taobao", "tmall", "kuairand", "movielens")
+# Real-data readers: each raises FileNotFoundError naming the missing raw file, where to get it
+# and where to put it.
+_READERS = {
+    "taobao": taobao.build,
+    "tmall": tmall.build,
+    "kuairand": kuairand.build,
+    "movielens": movielens.build,
+}
 
 
 def store_root(config, workdir: str) -> str:
@@ -25,6 +33,8 @@ def prepare(config, workdir: str) -> StageStore:
     source = config.data.source
     if source == "synthetic":
         synthetic.generate(config.data, root, progress=config.progress)
+    elif source in _READERS:
+        _READERS[source](config.data, root, progress=config.progress)
     else:
         raise ValueError(f"Unsupported data source: {source!r}; available: {', '.join(SOURCES)}.")
     return StageStore(root)

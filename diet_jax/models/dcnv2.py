@@ -97,7 +97,9 @@ class DCNv2(nn.Module):
             )
         x0 = e_BxFxD.reshape(e_BxFxD.shape[0], -1)
         if self.low_rank_mixture:
-            cross = CrossNetMix(self.num_cross_layers, self.low_rank, self.num_experts, name="cross")
+            cross = CrossNetMix(
+                self.num_cross_layers, self.low_rank, self.num_experts, name="cross"
+            )
         else:
             cross = CrossNetV2(self.num_cross_layers, name="cross")
         cross_out = cross(x0)

@@ -17,23 +17,44 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from diet_jax.models.dcn import DCN
+from diet_jax.models.dcnv2 import DCNv2
 from diet_jax.models.embedding import FieldEmbedding
+from diet_jax.models.finalmlp import FinalMLP
+from diet_jax.models.finalnet import FinalNet
 from diet_jax.models.mmoe import MMoEHead
+from diet_jax.models.wukong import WuKong
 
-BACKBONES = ("dcn",)
+BACKBONES = ("dcn", "dcnv2", "finalnet", "finalmlp", "wukong")
 
 
 class DenseNet(nn.Module):
-    """Backbone representation -> shared MMoE head -> K logits."""
+    """Backbone representation -> shared MMoE head -> K logits.
+
+    A backbone with several blocks (FinalNet 2B) returns a tuple of block representations: the one
+    head scores each block, the logits are their mean, and in train mode every block's logits are
+    self-distilled towards the mean, sum_b mean_B sum_k BCE(l_b, sg(sigmoid(mean))), as FinalNet
+    does with its per-block logit layers (models/finalnet.py explains the choice).
+    """
 
     backbone: nn.Module
     head: MMoEHead
 
     @nn.compact
     def __call__(self, e_BxFxD, train: bool = False):
-        return self.head(self.backbone(e_BxFxD, train), train)
+        h = self.backbone(e_BxFxD, train)
+        if not isinstance(h, tuple):
+            return self.head(h, train)
+        block_logits = [self.head(h_b, train) for h_b in h]
+        logits_BxK = sum(block_logits) / len(block_logits)
+        if train:
+            target_BxK = jax.lax.stop_gradient(jax.nn.sigmoid(logits_BxK))
+            for i, l_BxK in enumerate(block_logits):
+                bce_BxK = optax.sigmoid_binary_cross_entropy(l_BxK, target_BxK)
+                self.sow("losses", f"self_distill_{i}", jnp.mean(jnp.sum(bce_BxK, axis=-1)))
+        return logits_BxK
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +112,54 @@ def build_backbone(name: str, model_cfg) -> nn.Module:
     if name == "dcn":
         c = model_cfg.dcn
         return DCN(num_cross_layers=c.num_cross_layers, hidden=tuple(c.hidden), use_bn=c.use_bn)
+    if name == "dcnv2":
+        c = model_cfg.dcnv2
+        return DCNv2(
+            structure=c.structure,
+            num_cross_layers=c.num_cross_layers,
+            low_rank_mixture=c.low_rank_mixture,
+            low_rank=c.low_rank,
+            num_experts=c.num_experts,
+            stacked_hidden=tuple(c.stacked_hidden),
+            parallel_hidden=tuple(c.parallel_hidden),
+            use_bn=c.use_bn,
+        )
+    if name == "finalnet":
+        c = model_cfg.finalnet
+        return FinalNet(
+            block_type=c.block_type,
+            use_bn=c.use_bn,
+            feature_gating=c.feature_gating,
+            block1_hidden=tuple(c.block1_hidden),
+            block2_hidden=tuple(c.block2_hidden),
+            act=c.act,
+            residual_type=c.residual_type,
+        )
+    if name == "finalmlp":
+        c = model_cfg.finalmlp
+        return FinalMLP(
+            mlp1_hidden=tuple(c.mlp1_hidden),
+            mlp2_hidden=tuple(c.mlp2_hidden),
+            use_bn=c.use_bn,
+            use_fs=c.use_fs,
+            fs_hidden=tuple(c.fs_hidden),
+            fs1_context=tuple(c.fs1_context),
+            fs2_context=tuple(c.fs2_context),
+            num_heads=c.num_heads,
+            fusion_dim=c.fusion_dim,
+        )
+    if name == "wukong":
+        c = model_cfg.wukong
+        return WuKong(
+            num_layers=c.num_layers,
+            lcb_features=c.lcb_features,
+            fmb_features=c.fmb_features,
+            rank_k=c.rank_k,
+            fmb_hidden=tuple(c.fmb_hidden),
+            top_hidden=tuple(c.top_hidden),
+            top_bn=c.top_bn,
+            layer_norm=c.layer_norm,
+        )
     raise ValueError(f"Unsupported backbone: {name!r}; available: {', '.join(BACKBONES)}.")
 
 

@@ -30,7 +30,9 @@ class FactorizationMachineBlock(nn.Module):
         b, n, d = x_BxNxD.shape
         if self.rank_k > 0:
             y_NxK = self.param("proj_y", nn.initializers.normal(1.0), (n, self.rank_k))
-            fm_BxNxK = jnp.einsum("bnd,bdk->bnk", x_BxNxD, jnp.einsum("bnd,nk->bdk", x_BxNxD, y_NxK))
+            fm_BxNxK = jnp.einsum(
+                "bnd,bdk->bnk", x_BxNxD, jnp.einsum("bnd,nk->bdk", x_BxNxD, y_NxK)
+            )
         else:
             fm_BxNxK = jnp.einsum("bnd,bmd->bnm", x_BxNxD, x_BxNxD)
         z = layer_norm(name="ln")(fm_BxNxK.reshape(b, -1))
@@ -72,7 +74,9 @@ class WuKong(nn.Module):
     @nn.compact
     def __call__(self, e_BxFxD, train: bool = False):
         if not self.top_hidden:
-            raise ValueError("WuKong needs at least one top_hidden layer: it is the representation.")
+            raise ValueError(
+                "WuKong needs at least one top_hidden layer: it is the representation."
+            )
         x = e_BxFxD
         for i in range(self.num_layers):
             x = WuKongLayer(
@@ -83,4 +87,6 @@ class WuKong(nn.Module):
                 self.layer_norm,
                 name=f"layer_{i}",
             )(x)
-        return MLP(self.top_hidden, use_bn=self.top_bn, name="top")(x.reshape(x.shape[0], -1), train)
+        return MLP(self.top_hidden, use_bn=self.top_bn, name="top")(
+            x.reshape(x.shape[0], -1), train
+        )

@@ -19,8 +19,7 @@ from diet_jax.io_utils import MetricsWriter
 from diet_jax.models import build_model
 from diet_jax.models.factory import RecModel
 from diet_jax.train import loop
-from diet_jax.train.optim import make_optimizer
-from diet_jax.train.steps import TrainState, create_train_state, make_predict_step, make_train_step
+from diet_jax.train.steps import TrainState, make_predict_step, make_trainer
 
 
 @dataclasses.dataclass
@@ -28,7 +27,7 @@ class ReferenceRun:
     model: RecModel
     final: TrainState  # phi_T
     stage_names: list[str]  # historical stages, in time order
-    workdir: str
+    root: str  # teacher_root(config, workdir)
     train_seconds: float  # time spent training in this run (0 when everything was restored)
     train_samples: int
     restored: list[str]  # stages found on disk and skipped
@@ -37,11 +36,19 @@ class ReferenceRun:
         """phi_t (1-based), read back from its checkpoint: the live state is donated step by step."""
         if not 1 <= t <= len(self.stage_names):
             raise ValueError(f"No teacher stage {t}; stages are 1..{len(self.stage_names)}.")
-        return checkpoint.restore(checkpoint_dir(self.workdir, t), self.final)
+        return checkpoint.restore(checkpoint_dir(self.root, t), self.final)
 
 
-def checkpoint_dir(workdir: str, t: int) -> str:
-    return os.path.join(workdir, "teacher", f"stage_{t:02d}")
+def teacher_root(config, workdir: str) -> str:
+    """Where the stage checkpoints live: `teacher.checkpoint_dir`, or <workdir>/teacher.
+
+    Runs that differ only after the teacher (another ratio, another ablation) can share one.
+    """
+    return config.teacher.checkpoint_dir or os.path.join(workdir, "teacher")
+
+
+def checkpoint_dir(root: str, t: int) -> str:
+    return os.path.join(root, f"stage_{t:02d}")
 
 
 def train_reference(
@@ -49,17 +56,17 @@ def train_reference(
 ) -> ReferenceRun:
     fmap = store.feature_map
     model = build_model(config.model, fmap, name=config.teacher.model)
-    tx = make_optimizer(config.train)
+    trainer = make_trainer(model, config.train)  # dense or row-sparse embedding updates
     params, model_state = model.init(jax.random.key(config.seed))
-    state = create_train_state(params, model_state, tx)
-    train_step = make_train_step(model, tx)
+    state = trainer.init(params, model_state)
+    train_step = trainer.step
     predict_step = make_predict_step(model)
     validation = store.stages("validation")[0]
 
     names, restored = [], []
     seconds, samples = 0.0, 0
     for t, info in enumerate(fmap.stages_with_role("historical"), start=1):
-        path = checkpoint_dir(workdir, t)
+        path = checkpoint_dir(teacher_root(config, workdir), t)
         if checkpoint.exists(path):
             state = checkpoint.restore(path, state)
             restored.append(info.name)
@@ -107,4 +114,4 @@ def train_reference(
             )
             checkpoint.save(path, state)
         names.append(info.name)
-    return ReferenceRun(model, state, names, workdir, seconds, samples, restored)
+    return ReferenceRun(model, state, names, teacher_root(config, workdir), seconds, samples, restored)

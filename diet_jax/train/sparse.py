@@ -33,7 +33,7 @@ class RowOptimizer(NamedTuple):
 
 def unique_rows(rows_N: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
     """(rows_U, inverse_N): the sorted unique row ids padded to U = N with out-of-range ids
-    num_rows, num_rows + 1, ..., and for every input position the index of its row in rows_U
+    (num_rows + position), and for every input position the index of its row in rows_U
     (so rows_U[inverse_N] == rows_N).
 
     The padding ids are distinct too, so every scatter may promise unique indices.

@@ -1,0 +1,88 @@
+"""Bidirectional memory addressing (DIET section 4.2.1), on the fast jvp path.
+
+Hard targets: the real samples of a minibatch with the smallest Deficiency(z) = sum over the
+memory of A(x, z), the ones the memory serves worst. Active memory: the synthetic rows with the
+largest Resp(x) = sum over the hard targets of A(x, z), the rows whose update can best lower the
+loss on them. Each costs one batch gradient and one jvp (see `diet_jax.influence`). The plain
+variants of the paper's ablation draw a random subset of the same size instead.
+
+All functions are traceable; `diet_jax.distill.bilevel` calls them inside its jitted step.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from diet_jax import influence
+
+
+def hard_targets(
+    loss_fn, params, real, syn, k: int, weights_B=None, *, chunk_size: int | None = None
+):
+    """(indices [k] of the k real samples with the smallest deficiency, deficiency [B]).
+
+    `real` and `syn` are {"e", "y"} batches; rows with weight 0 (padding) are never picked.
+    """
+    deficiency_B = influence.deficiency(loss_fn, loss_fn, params, real, syn, chunk_size=chunk_size)
+    ranked = deficiency_B if weights_B is None else jnp.where(weights_B > 0, deficiency_B, jnp.inf)
+    return jax.lax.top_k(-ranked, k)[1], deficiency_B
+
+
+def active_memory(loss_fn, params, syn, hard, k: int, *, chunk_size: int | None = None):
+    """(indices [k] of the k memory rows with the largest responsibility, responsibility [N])."""
+    resp_N = influence.responsibility(loss_fn, loss_fn, params, syn, hard, chunk_size=chunk_size)
+    return jax.lax.top_k(resp_N, k)[1], resp_N
+
+
+def random_subset(key: jax.Array, n: int, k: int) -> jax.Array:
+    """k distinct indices of range(n), uniformly: the plain (no selection) variant."""
+    return jax.random.permutation(key, n)[:k]
+
+
+def address(
+    loss_fn,
+    params,
+    real,
+    syn,
+    *,
+    hard_size: int,
+    active_size: int,
+    key: jax.Array,
+    target_selection: bool = True,
+    memory_selection: bool = True,
+    chunk_size: int | None = None,
+):
+    """Both directions. Returns (hard_idx [hard_size], active_idx [active_size], stats).
+
+    The influence is taken at `params` with `loss_fn` (see `influence.dense_loss`); `real` may
+    carry weights "w" (0 for padding rows). Nothing here is differentiated.
+    """
+    real, syn, params = jax.lax.stop_gradient((real, syn, params))
+    k_hard, k_active = jax.random.split(key)
+    batch_real = {"e": real["e"], "y": real["y"]}
+    b, n = real["y"].shape[0], syn["y"].shape[0]
+    if not 0 < hard_size <= b or not 0 < active_size <= n:
+        raise ValueError(
+            f"hard_size must lie in [1, {b}] and active_size in [1, {n}], "
+            f"got {hard_size} and {active_size}."
+        )
+    stats = {}
+    if target_selection:
+        hard_idx, deficiency_B = hard_targets(
+            loss_fn, params, batch_real, syn, hard_size, real.get("w"), chunk_size=chunk_size
+        )
+        stats["deficiency_mean"] = jnp.mean(deficiency_B)
+        stats["deficiency_hard"] = jnp.mean(deficiency_B[hard_idx])
+    else:
+        hard_idx = random_subset(k_hard, b, hard_size)
+    hard = jax.tree.map(lambda a: a[hard_idx], batch_real)
+    if memory_selection:
+        active_idx, resp_N = active_memory(
+            loss_fn, params, syn, hard, active_size, chunk_size=chunk_size
+        )
+        stats["responsibility_mean"] = jnp.mean(resp_N)
+        stats["responsibility_active"] = jnp.mean(resp_N[active_idx])
+    else:
+        active_idx = random_subset(k_active, n, active_size)
+    return hard_idx, active_idx, stats

@@ -1,0 +1,331 @@
+"""The DIET stage driver: for t = 1..T, phase 1 (boundary memory) then phase 2 (refinement).
+
+Artifacts under `<workdir>/distill/stage_XX/`:
+
+    init/     Orbax: the phase-1 memory (before refinement)
+    ckpt/     Orbax CheckpointManager: DistillState every `checkpoint_every` outer iterations
+              (memory, optimizer state, RNG key, iteration); removed when the stage is done
+    memory/   Orbax: the refined memory D_syn^t, written last; its presence marks the stage done
+
+A rerun skips finished stages, reuses a saved phase-1 memory, and resumes phase 2 from the last
+checkpoint. Real minibatch k of a stage is a pure function of (seed, k) and the RNG of outer
+iteration k is fold_in(key, k), so a killed and resumed run ends with the same memory as an
+uninterrupted one. D_syn^T, the last stage's memory, is the distilled dataset: memory fusion
+carries the earlier stages' rows into it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from tqdm.auto import tqdm
+
+from diet_jax import metrics as metrics_lib
+from diet_jax.data import loader
+from diet_jax.data.store import Stage, StageStore
+from diet_jax.distill import bilevel, phase1
+from diet_jax.distill import memory as memory_lib
+from diet_jax.distill.memory import Memory
+from diet_jax.io_utils import MetricsWriter
+
+
+@dataclasses.dataclass
+class DistillRun:
+    root: str  # <workdir>/distill
+    stage_names: list[str]
+    final: Memory  # D_syn^T
+    seconds: float  # spent distilling in this run (0 when every stage was restored)
+    stages: dict[str, dict]  # per stage: phase1/phase2 seconds, iterations, rows, ...
+    restored: list[str]  # stages found finished on disk
+
+    def memory(self, t: int) -> Memory:
+        """D_syn^t (1-based), read back from its checkpoint."""
+        return memory_lib.load(memory_path(self.root, t))
+
+
+def distill_root(workdir: str) -> str:
+    return os.path.join(workdir, "distill")
+
+
+def stage_dir(root: str, t: int) -> str:
+    return os.path.join(root, f"stage_{t:02d}")
+
+
+def memory_path(root: str, t: int) -> str:
+    return os.path.join(stage_dir(root, t), "memory")
+
+
+def load_final(workdir: str) -> Memory:
+    """The distilled dataset D_syn^T of a finished run: the memory of the last stage on disk."""
+    root = distill_root(workdir)
+    done = sorted(d for d in os.listdir(root) if memory_lib.exists(os.path.join(root, d, "memory")))
+    if not done:
+        raise FileNotFoundError(f"No distilled memory under {root!r}.")
+    return memory_lib.load(os.path.join(root, done[-1], "memory"))
+
+
+def check_config(dc) -> None:
+    """Rejects distillation settings that would fail later with an obscure error."""
+    for key in ("outer_iterations", "inner_steps", "window", "log_every"):
+        if dc[key] <= 0:
+            raise ValueError(f"config.distill.{key} must be positive, got {dc[key]}.")
+    if not dc.window <= dc.inner_steps:
+        raise ValueError(
+            f"config.distill.window ({dc.window}) must not exceed inner_steps ({dc.inner_steps})."
+        )
+    if not 0 < dc.hard_fraction <= 1:
+        raise ValueError(f"config.distill.hard_fraction must lie in (0, 1], got {dc.hard_fraction}.")
+    if not 0 <= dc.percentile <= 1:
+        raise ValueError(f"config.distill.percentile must lie in [0, 1], got {dc.percentile}.")
+    for key in ("inner_lr", "meta_lr_embed", "meta_lr_labels"):
+        if dc[key] <= 0:
+            raise ValueError(f"config.distill.{key} must be positive, got {dc[key]}.")
+    if dc.influence_at not in bilevel.INFLUENCE_AT:
+        raise ValueError(
+            f"config.distill.influence_at must be one of {bilevel.INFLUENCE_AT}, "
+            f"got {dc.influence_at!r}."
+        )
+
+
+def real_batch_size(config) -> int:
+    return config.distill.batch_size or config.train.batch_size
+
+
+def bilevel_config(config, memory_rows: int, batch_size: int) -> bilevel.BilevelConfig:
+    dc = config.distill
+    active = dc.active_size or dc.window * dc.inner_steps  # the paper's W x M (appendix A.3)
+    return bilevel.BilevelConfig(
+        inner_steps=dc.inner_steps,
+        window=dc.window,
+        inner_lr=dc.inner_lr,
+        hard_size=max(1, min(batch_size, int(round(dc.hard_fraction * batch_size)))),
+        active_size=max(1, min(memory_rows, active)),
+        target_selection=dc.target_selection,
+        memory_selection=dc.memory_selection,
+        learn_labels=dc.learn_labels,
+        influence_at=dc.influence_at,
+        remat=dc.remat,
+        chunk_size=dc.chunk_size or None,
+    )
+
+
+def _real_batch(stage: Stage, k: int, batch_size: int, seed: int, cache: dict) -> dict:
+    """Minibatch k of the stage: batch k mod n of the shuffled epoch k div n (no iterator state
+    to save: resuming at k gives the same batch)."""
+    n = loader.num_batches(len(stage), batch_size, drop_remainder=True)
+    epoch, b = divmod(k, n)
+    if cache.get("epoch") != epoch:
+        cache["epoch"] = epoch
+        cache["ds"] = loader.batch_dataset(stage, batch_size, shuffle=True, seed=seed, epoch=epoch)
+    return jax.device_put(cache["ds"][b])
+
+
+def _hard_auc(logits_BxK, y_BxK) -> float:
+    """Mean over tasks with both classes among the hard targets (NaN if none)."""
+    logits, y = np.asarray(logits_BxK), np.asarray(y_BxK)
+    aucs = [metrics_lib.auc(y[:, k], logits[:, k]) for k in range(y.shape[1])]
+    aucs = [a for a in aucs if not math.isnan(a)]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def _as_tree(state: bilevel.DistillState) -> dict:
+    return {"step": state.step, "syn": state.syn, "opt_state": state.opt_state, "key": state.key}
+
+
+def refine(
+    outer_step,
+    state: bilevel.DistillState,
+    stage: Stage,
+    ctx: dict,
+    *,
+    random_init: bool,
+    iterations: int,
+    batch_size: int,
+    seed: int,
+    ckpt_dir: str,
+    checkpoint_every: int,
+    writer: MetricsWriter | None = None,
+    log_every: int = 10,
+    progress: bool = True,
+    desc: str = "distill",
+    log_fields: dict | None = None,
+    callback: Callable[[int, dict], None] | None = None,
+) -> tuple[bilevel.DistillState, dict]:
+    """Phase 2's loop: `iterations` outer steps from the last checkpoint in `ckpt_dir` (if any).
+
+    Checkpoints every `checkpoint_every` iterations (0: never). Metrics are read one iteration
+    behind the dispatch; `callback(k, metrics)` runs after iteration k (tests use it to kill).
+    """
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=1, create=True, enable_async_checkpointing=False
+    )
+    stats = {"seconds": 0.0, "iterations": 0, "resumed_from": 0}
+    with ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=options) as mngr:
+        latest = mngr.latest_step()
+        if latest is not None:
+            like = jax.tree.map(ocp.utils.to_shape_dtype_struct, _as_tree(state))
+            tree = mngr.restore(latest, args=ocp.args.StandardRestore(like))
+            state = bilevel.DistillState(**tree)
+            stats["resumed_from"] = int(latest)
+            logging.info("%s: resumed phase 2 at outer iteration %d", desc, latest)
+        k0 = int(state.step)
+        bar = tqdm(
+            total=iterations, initial=k0, desc=desc, unit="it", disable=not progress, leave=False
+        )
+        cache: dict = {}
+        pending = None
+        start = time.perf_counter()
+        steady_start, steady_k = None, 0
+        for k in range(k0, iterations):
+            batch = _real_batch(stage, k, batch_size, seed, cache)
+            state, m = outer_step(state, batch, ctx, random_init=random_init)
+            if pending is not None:
+                _report(pending, k - 1, bar, writer, log_every, log_fields, iterations)
+            pending = m
+            if k == k0:
+                jax.block_until_ready(state)  # compilation: excluded from the steady rate
+                steady_start, steady_k = time.perf_counter(), k + 1
+            done = k + 1
+            if checkpoint_every and done % checkpoint_every == 0 and done < iterations:
+                mngr.save(done, args=ocp.args.StandardSave(_as_tree(state)))
+            bar.update(1)
+            if callback is not None:
+                callback(done, m)
+        if pending is not None:
+            _report(pending, iterations - 1, bar, writer, log_every, log_fields, iterations)
+        jax.block_until_ready(state)
+        end = time.perf_counter()
+        bar.close()
+    stats["seconds"] = end - start
+    stats["iterations"] = iterations - k0
+    if steady_start is not None and iterations - steady_k > 0:
+        stats["seconds_per_iteration"] = (end - steady_start) / (iterations - steady_k)
+    return state, stats
+
+
+def _report(m, k, bar, writer, log_every, log_fields, iterations) -> None:
+    last = k == iterations - 1
+    if k % log_every and not last:
+        return
+    loss = float(m["meta_loss"])
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"distillation: meta loss became {loss} at iteration {k}.")
+    auc = _hard_auc(m["hard_logits"], m["hard_y"])
+    bar.set_postfix(meta_loss=f"{loss:.4f}")
+    if writer is not None:
+        scalars = {
+            key: float(v) for key, v in m.items() if key not in ("hard_logits", "hard_y")
+        }
+        writer.write(phase="distill", iteration=k, hard_auc=auc, **scalars, **(log_fields or {}))
+
+
+def distill(
+    config,
+    store: StageStore,
+    ref,
+    workdir: str,
+    writer: MetricsWriter | None = None,
+    callback: Callable[[int, dict], None] | None = None,
+) -> DistillRun:
+    """Distills every historical stage in time order. `ref` is the ReferenceRun (teachers)."""
+    dc = config.distill
+    check_config(dc)
+    model = ref.model
+    root = distill_root(workdir)
+    bs = real_batch_size(config)
+    tx = bilevel.make_meta_optimizer(dc)
+    steps: dict = {}  # one jitted outer step per BilevelConfig (memory and batch sizes)
+    previous, restored, stages_info, seconds = None, [], {}, 0.0
+    for t, name in enumerate(ref.stage_names, start=1):
+        final_path = memory_path(root, t)
+        if memory_lib.exists(final_path):
+            previous = memory_lib.load(final_path)
+            restored.append(name)
+            logging.info("distill: restored %s from %s", name, final_path)
+            continue
+        t0 = time.perf_counter()
+        stage = store.stage(name)
+        teacher = ref.stage_state(t)
+        info = {"rows": len(stage)}
+
+        # ---- phase 1: boundary memory (saved, so a resumed phase 2 starts from the same rows)
+        init_path = os.path.join(stage_dir(root, t), "init")
+        if memory_lib.exists(init_path):
+            memory0 = memory_lib.load(init_path)
+        else:
+            memory0, p1 = phase1.boundary_memory(
+                model,
+                teacher,
+                stage,
+                t,
+                previous,
+                ratio=config.ratio,
+                percentile=dc.percentile,
+                fusion=dc.memory_fusion,
+                batch_size=config.train.eval_batch_size,
+                chunk_size=dc.chunk_size or 4096,
+            )
+            memory_lib.save(init_path, memory0)
+            info.update(p1)
+        info["phase1_seconds"] = time.perf_counter() - t0
+        info["memory_rows"] = len(memory0)
+
+        # ---- phase 2: bi-level refinement
+        bcfg = bilevel_config(config, len(memory0), bs)
+        if bcfg not in steps:
+            steps[bcfg] = bilevel.make_outer_step(model, bcfg, tx)
+        proxy = teacher if t == 1 else ref.stage_state(t - 1)
+        ctx = {
+            "embed": teacher.params["embed"],
+            "teacher_dense": teacher.params["dense"],
+            "teacher_state": teacher.model_state,
+            "proxy_dense": proxy.params["dense"],
+            "proxy_state": proxy.model_state,
+        }
+        state = bilevel.init_state(memory0, tx, seed=config.seed + t)
+        state, p2 = refine(
+            steps[bcfg],
+            state,
+            stage,
+            ctx,
+            random_init=t == 1,
+            iterations=dc.outer_iterations,
+            batch_size=bs,
+            seed=config.seed + 1,
+            ckpt_dir=os.path.join(stage_dir(root, t), "ckpt"),
+            checkpoint_every=dc.checkpoint_every,
+            writer=writer,
+            log_every=dc.log_every,
+            progress=config.progress,
+            desc=f"distill {name}",
+            log_fields={"stage": name},
+            callback=callback,
+        )
+        memory = memory0.with_trainable(state.syn)
+        memory_lib.save(final_path, memory)
+        shutil.rmtree(os.path.join(stage_dir(root, t), "ckpt"), ignore_errors=True)
+        info.update({f"phase2_{k}": v for k, v in p2.items()})
+        info["seconds"] = time.perf_counter() - t0
+        seconds += info["seconds"]
+        stages_info[name] = info
+        if writer is not None:
+            writer.write(phase="distill_stage", stage=name, **info)
+        logging.info(
+            "distill %s: %d rows, phase 1 %.1fs, phase 2 %.1fs (%d iterations)",
+            name,
+            len(memory),
+            info["phase1_seconds"],
+            p2["seconds"],
+            p2["iterations"],
+        )
+        previous = memory
+    return DistillRun(root, list(ref.stage_names), previous, seconds, stages_info, restored)

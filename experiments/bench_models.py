@@ -1,0 +1,179 @@
+"""Model zoo throughput: samples/s of a train step and of inference, and parameter counts.
+
+    python experiments/bench_models.py --config=configs/synthetic.py
+    python experiments/bench_models.py --config=configs/synthetic.py --models=dcn,wukong \\
+        --batch_sizes=512,1024,4096 --steps=20 --json_out=/tmp/bench_models.json
+
+Every model is the full recommender (embedding table + backbone + shared MMoE head) of
+`config.model`. The train step is the jitted, donating step of `train/steps.py` with the
+config's optimizer; inference is the jitted eval-mode forward pass. Batches are uniform random ids
+inside each field's vocabulary with random labels, placed on the device before timing, so the
+figures measure the model, not the loader (bench_teacher.py times the loader too). Runs on any
+device JAX finds; nothing in it is CPU-specific.
+"""
+
+import json
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from diet_jax.data.store import FeatureMap
+from diet_jax.models import BACKBONES, build_model
+from diet_jax.train.optim import make_optimizer
+from diet_jax.train.steps import create_train_state, make_predict_step, make_train_step
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/synthetic.py", "Config file.", lock_config=True
+)
+_MODELS = flags.DEFINE_list("models", list(BACKBONES), "Backbones to time.")
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["512", "1024", "4096"], "Batch sizes.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per (model, batch size, mode).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps first (compilation).")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Stage store location, used only when config.data has no vocab_sizes."
+)
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the rows as JSON here.")
+
+_NUM_BATCHES = 4  # distinct device batches, cycled
+
+
+def feature_map_of(config) -> FeatureMap:
+    """The synthetic config describes its fields; any other dataset reads its prepared store."""
+    d = config.data
+    if "vocab_sizes" in d and "tasks" in d:
+        return FeatureMap(
+            dataset=d.get("source", "config"),
+            fields=tuple(d.field_names),
+            vocab_sizes=tuple(d.vocab_sizes),
+            tasks=tuple(d.tasks),
+            stages=(),
+        )
+    from diet_jax.data import prepare
+
+    workdir = _WORKDIR.value or os.path.join(tempfile.gettempdir(), "diet_bench_models")
+    return prepare.prepare(config, workdir).feature_map
+
+
+def random_batches(fmap: FeatureMap, batch_size: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(_NUM_BATCHES):
+        x = np.stack([rng.integers(0, v, batch_size) for v in fmap.vocab_sizes], 1)
+        y = rng.integers(0, 2, (batch_size, fmap.num_tasks))
+        batch = {
+            "x": x.astype(np.int32),
+            "y": y.astype(np.uint8),
+            "w": np.ones(batch_size, np.float32),
+        }
+        out.append(jax.device_put(batch))
+    return out
+
+
+def time_calls(fn, n_warmup: int, n_steps: int) -> float:
+    """Seconds for n_steps calls of fn(i) after n_warmup untimed ones; fn returns arrays."""
+    for i in range(n_warmup):
+        jax.block_until_ready(fn(i))
+    start = time.perf_counter()
+    out = None
+    for i in range(n_steps):
+        out = fn(i)
+    jax.block_until_ready(out)
+    return time.perf_counter() - start
+
+
+def bench_model(config, fmap: FeatureMap, name: str, batch_sizes: list[int]) -> list[dict]:
+    model = build_model(config.model, fmap, name)
+    tx = make_optimizer(config.train)
+    params, model_state = model.init(jax.random.key(config.seed))
+    n_dense = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params["dense"]))
+    n_embed = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params["embed"]))
+    train_step = make_train_step(model, tx)
+    predict_step = make_predict_step(model)
+    rows = []
+    for bs in batch_sizes:
+        batches = random_batches(fmap, bs)
+        # Copies: the train step donates its state, and inference keeps using the originals.
+        fresh = jax.tree.map(jnp.array, (params, model_state))
+        box = {"state": create_train_state(*fresh, tx)}
+
+        def train(i, box=box, batches=batches):
+            box["state"], m = train_step(box["state"], batches[i % _NUM_BATCHES])
+            return m["loss"]
+
+        def infer(i, batches=batches):
+            return predict_step(params, model_state, batches[i % _NUM_BATCHES]["x"])
+
+        t_train = time_calls(train, _WARMUP.value, _STEPS.value)
+        t_infer = time_calls(infer, _WARMUP.value, _STEPS.value)
+        rows.append(
+            {
+                "model": name,
+                "batch_size": bs,
+                "dense_params": n_dense,
+                "embed_params": n_embed,
+                "train_samples_per_s": _STEPS.value * bs / t_train,
+                "train_ms_per_step": 1e3 * t_train / _STEPS.value,
+                "infer_samples_per_s": _STEPS.value * bs / t_infer,
+                "infer_ms_per_step": 1e3 * t_infer / _STEPS.value,
+            }
+        )
+        r = rows[-1]
+        print(
+            f"{name:9s} bs {bs:5d}  train {r['train_samples_per_s']:>10,.0f}/s "
+            f"({r['train_ms_per_step']:.1f} ms)  infer {r['infer_samples_per_s']:>10,.0f}/s "
+            f"({r['infer_ms_per_step']:.1f} ms)",
+            flush=True,
+        )
+    return rows
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError("Too many command-line arguments.")
+    config = _CONFIG.value
+    unknown = [m for m in _MODELS.value if m not in BACKBONES]
+    if unknown:
+        raise ValueError(f"Unknown models {unknown}; available: {', '.join(BACKBONES)}.")
+    batch_sizes = [int(b) for b in _BATCH_SIZES.value]
+    if any(b <= 0 for b in batch_sizes):
+        raise ValueError(f"Batch sizes must be positive, got {batch_sizes}.")
+    fmap = feature_map_of(config)
+    dev = jax.devices()[0]
+    print(
+        f"device: {dev.platform} {dev.device_kind} x{jax.device_count()}  fields: "
+        f"{fmap.num_fields}  embed_dim: {config.model.embed_dim}  tasks: {fmap.num_tasks}  "
+        f"steps: {_STEPS.value}"
+    )
+    rows = []
+    for name in _MODELS.value:
+        rows += bench_model(config, fmap, name, batch_sizes)
+
+    print(
+        "\n| model | dense params | "
+        + " | ".join(f"train/s @{b}" for b in batch_sizes)
+        + " | "
+        + " | ".join(f"infer/s @{b}" for b in batch_sizes)
+        + " |"
+    )
+    print("|---|---:|" + "---:|" * (2 * len(batch_sizes)))
+    for name in _MODELS.value:
+        mine = [r for r in rows if r["model"] == name]
+        cells = [f"{r['train_samples_per_s']:,.0f}" for r in mine]
+        cells += [f"{r['infer_samples_per_s']:,.0f}" for r in mine]
+        print(f"| {name} | {mine[0]['dense_params']:,} | " + " | ".join(cells) + " |")
+    print(f"(embedding table: {rows[0]['embed_params']:,} parameters, shared by every model)")
+    if _JSON_OUT.value:
+        tmp = _JSON_OUT.value + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"device": f"{dev.platform} {dev.device_kind}", "rows": rows}, f, indent=1)
+        os.replace(tmp, _JSON_OUT.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

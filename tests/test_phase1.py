@@ -1,0 +1,168 @@
+"""DIET phase 1: selection on hand-made scores, conversion, memory fusion, memory checkpoints."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import load_config
+
+from diet_jax import influence
+from diet_jax.distill import memory as memory_lib
+from diet_jax.distill import phase1
+from diet_jax.models import build_model
+from diet_jax.train.steps import create_train_state
+
+# ------------------------------------------------------------------ selection by hand
+
+
+@pytest.mark.parametrize(
+    "sizes, n, expected",
+    [
+        ([10, 10, 10], 9, [3, 3, 3]),  # equal shares
+        ([10, 10, 10], 10, [4, 3, 3]),  # remainder: most rows left, then the earlier group
+        ([10, 3, 12], 10, [3, 3, 4]),
+        ([1, 10, 10], 9, [1, 4, 4]),  # a tiny group's unused share is redistributed
+        ([2, 3, 100], 30, [2, 3, 25]),  # groups smaller than their share
+        ([2, 3], 10, [2, 3]),  # budget above the stage: everything
+        ([5, 5], 0, [0, 0]),
+        ([0, 4], 3, [0, 3]),  # an empty group takes nothing
+    ],
+)
+def test_split_budget(sizes, n, expected):
+    counts = phase1.split_budget(sizes, n)
+    assert counts.tolist() == expected
+    assert counts.sum() == min(n, sum(sizes))
+
+
+# Ranks by ascending score: idx 1, 5, 3, 7, 0, 8, 4, 6, 2, 9 (rank 0..9).
+SCORES = np.array([0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6, 1.0])
+
+
+@pytest.mark.parametrize(
+    "k, q, expected",
+    [
+        (3, 0.9, [2, 6, 9]),  # target rank 8.1 -> ranks 7, 8, 9
+        (1, 0.9, [2]),  # rank 8
+        (2, 0.9, [2, 9]),  # ranks 8, 9 (distance 0.1 + 0.9 beats 1.1 + 0.1)
+        (2, 0.5, [0, 8]),  # target rank 4.5 -> ranks 4, 5
+        (2, 0.0, [1, 5]),  # lowest ranks
+        (4, 1.0, [2, 4, 6, 9]),  # window shifted inside at the top edge: ranks 6..9
+        (12, 0.9, list(range(10))),  # more than the group: everything
+        (0, 0.9, []),
+    ],
+)
+def test_select_percentile_by_hand(k, q, expected):
+    assert phase1.select_percentile(SCORES, k, q).tolist() == expected
+
+
+def test_select_percentile_ties_and_bad_percentile():
+    assert phase1.select_percentile(np.zeros(5), 2, 0.9).tolist() == [3, 4]  # ties: row order
+    with pytest.raises(ValueError, match="percentile"):
+        phase1.select_percentile(SCORES, 2, 1.5)
+
+
+def test_select_boundary_by_hand():
+    # Group A (no label): rows 0..9 with SCORES; group B (click only): rows 10..13; group C (all
+    # three tasks): row 14 alone. Budget 9 -> A 4, B 4 (all), C 1 (all).
+    y = np.zeros((15, 3), np.uint8)
+    y[10:14, 0] = 1
+    y[14] = 1
+    scores = np.concatenate([SCORES, [0.3, 0.2, 0.1, 0.4], [0.5]])
+    picked = phase1.select_boundary(scores, y, 9, 0.9)
+    # A: 4 rows nearest rank 8.1 of 10 -> ranks 6..9 -> rows 4, 6, 2, 9.
+    assert picked.tolist() == [2, 4, 6, 9, 10, 11, 12, 13, 14]
+    assert phase1.label_groups(y)[[0, 10, 14]].tolist() == [0, 1, 7]
+
+
+def test_retain_top_by_hand():
+    alpha = np.array([0.3, -1.0, 2.0, 0.3, 5.0])
+    assert phase1.retain_top(alpha, 2).tolist() == [2, 4]
+    assert phase1.retain_top(alpha, 3).tolist() == [0, 2, 4]  # tie at 0.3: the lower index
+    assert phase1.retain_top(alpha, 9).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_budget():
+    assert phase1.budget(6000, 0.05) == 300
+    assert phase1.budget(10, 0.01) == 1
+    with pytest.raises(ValueError, match="ratio"):
+        phase1.budget(10, 0.0)
+
+
+# ------------------------------------------------------------------ on the tiny stream
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_store):
+    """A tiny DCN teacher at its initialisation, with the embedding table scaled up."""
+    cfg = load_config("synthetic", "tiny")
+    model = build_model(cfg.model, tiny_store.feature_map)
+    params, state = model.init(jax.random.key(3))
+    # Scale the embedding table to the size of a trained one: gradients and scores are O(1).
+    params["embed"] = jax.tree.map(lambda a: a * 1e3, params["embed"])
+    return model, create_train_state(params, state, optax.sgd(0.1))
+
+
+def test_score_and_convert_match_direct_computation(tiny_store, teacher):
+    model, ts = teacher
+    stage = tiny_store.stage("stage_1")
+    logits, scores = phase1.score_stage(model, ts.params, ts.model_state, stage, 1000)
+    x, y = np.asarray(stage.x_NxF), np.asarray(stage.y_NxK)
+    direct = model.apply(ts.params, ts.model_state, jnp.asarray(x), train=False)[0]
+    np.testing.assert_allclose(logits, direct, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(scores, influence.el2n(direct, jnp.asarray(y)), rtol=1e-5, atol=1e-6)
+    idx = np.array([5, 0, 17, 4000, 5999])
+    mem = phase1.to_memory(
+        model, ts.params, ts.model_state, x[idx], origin=2, rows_N=idx, batch_size=2
+    )
+    assert len(mem) == 5
+    np.testing.assert_allclose(mem.logits_NxK, direct[idx], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mem.e_NxFxD, model.embed(ts.params["embed"], jnp.asarray(x[idx])))
+    assert mem.origin_N.tolist() == [2] * 5 and mem.row_N.tolist() == idx.tolist()
+
+
+def test_boundary_memory_and_fusion(tiny_store, teacher, tmp_path):
+    model, ts = teacher
+    s1, s2 = tiny_store.stage("stage_1"), tiny_store.stage("stage_2")
+    mem1, info1 = phase1.boundary_memory(
+        model, ts, s1, 1, None, ratio=0.01, percentile=0.9, batch_size=1000
+    )
+    _, scores = phase1.score_stage(model, ts.params, ts.model_state, s1, 1000)
+    expected = phase1.select_boundary(scores, np.asarray(s1.y_NxK), 60, 0.9)
+    assert info1["n_t"] == 60 and info1["retained"] == 0
+    assert np.asarray(mem1.row_N).tolist() == expected.tolist()
+    assert set(np.asarray(mem1.origin_N).tolist()) == {1}
+
+    # Stage 2 with fusion: 60 new rows, then the 60 old rows of largest alpha, where alpha is the
+    # explicit sum over the new samples of pairwise influences A(x_i, z).
+    old = mem1.replace(logits_NxK=mem1.logits_NxK + 0.5)  # as if refined: non-zero gradients
+    mem2, info2 = phase1.boundary_memory(
+        model, ts, s2, 2, old, ratio=0.005, percentile=0.9, batch_size=1000, chunk_size=16
+    )
+    assert info2["retained"] == 30 and len(mem2) == 60
+    new_rows = np.asarray(mem2.row_N[:30])
+    targets = {
+        "e": mem2.e_NxFxD[:30],
+        "y": jnp.asarray(np.asarray(s2.y_NxK)[new_rows], jnp.float32),
+    }
+    loss_fn = influence.dense_loss(model, ts.model_state)
+    a = influence.pairwise(loss_fn, loss_fn, ts.params["dense"], old.batch(), targets)
+    alpha = np.asarray(a).sum(axis=1)
+    keep = np.sort(np.argsort(-alpha)[:30])
+    assert np.asarray(mem2.row_N[30:]).tolist() == np.asarray(old.row_N)[keep].tolist()
+    np.testing.assert_array_equal(mem2.e_NxFxD[30:], old.e_NxFxD[keep])
+    assert set(np.asarray(mem2.origin_N).tolist()) == {1, 2}
+    # Without fusion (the ablation's plain variant) only the new rows remain.
+    mem2_plain, _ = phase1.boundary_memory(
+        model, ts, s2, 2, old, ratio=0.005, percentile=0.9, fusion=False, batch_size=1000
+    )
+    assert len(mem2_plain) == 30
+
+    # Orbax round trip, shapes read from the checkpoint.
+    path = str(tmp_path / "memory")
+    memory_lib.save(path, mem2)
+    back = memory_lib.load(path)
+    for a_, b_ in zip(jax.tree.leaves(back), jax.tree.leaves(mem2), strict=True):
+        np.testing.assert_array_equal(a_, b_)
+    with pytest.raises(FileNotFoundError):
+        memory_lib.load(str(tmp_path / "missing"))
