@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.utc_offset_hours = 8.0
     c.data.min_count = 1  # values seen fewer times in the historical stages map to OOV (id 0)
     c.data.chunk_bytes = 16 << 20  # raw text parsed per block (pass-1 memory: ~15x this)
-    c.data.partition_bytes = 128 << 20  # raw text per user partition (group-by memory: ~5x)
+    c.data.partition_bytes = 64 << 20  # raw text per user partition (group-by memory: ~7x this)
 
     if tiny:
         # Small files written by the tests; tiny blocks and partitions exercise the streaming.

@@ -41,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.data.min_count = 1  # values seen fewer times in the historical stages map to OOV (id 0)
     c.data.chunk_bytes = 16 << 20  # raw text parsed per block (pass-1 memory: ~15x this)
-    c.data.partition_bytes = 128 << 20  # raw text per user partition (group-by memory: ~5x)
+    c.data.partition_bytes = 64 << 20  # raw text per user partition (group-by memory: ~7x this)
 
     if tiny:
         c.data.data_dir = "data/raw/tmall_tiny"

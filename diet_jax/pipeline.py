@@ -15,6 +15,7 @@ from absl import logging
 
 from diet_jax import results as results_lib
 from diet_jax.data import prepare
+from diet_jax.distill import driver as distill_driver
 from diet_jax.evaluate import methods, report
 from diet_jax.io_utils import MetricsWriter, atomic_write_json
 from diet_jax.train import loop
@@ -92,7 +93,13 @@ def run(config, workdir: str) -> dict:
         else:
             res["reference_validation"] = m
 
-    diet_memory = None  # set by the distillation phase
+    # ---------------------------------------------------------------- Distillation
+    dist = distill_driver.distill(config, store, ref, workdir, writer)
+    diet_memory = dist.final  # D_syn^T
+    if dist.seconds > 0:
+        timings["distill_seconds"] = dist.seconds
+        timings["distill_stages"] = dist.stages
+    timings["distill_restored_stages"] = dist.restored
 
     # ---------------------------------------------------------------- Candidates x methods
     if config.evaluate.methods and config.evaluate.models:

@@ -26,7 +26,7 @@ from absl import app, flags
 
 _ROWS = flags.DEFINE_list("rows", ["10000000"], "Raw rows of the generated file(s).")
 _CHUNK_MB = flags.DEFINE_integer("chunk_mb", 16, "data.chunk_bytes, in MiB.")
-_PARTITION_MB = flags.DEFINE_integer("partition_mb", 128, "data.partition_bytes, in MiB.")
+_PARTITION_MB = flags.DEFINE_integer("partition_mb", 64, "data.partition_bytes, in MiB.")
 _TMP = flags.DEFINE_string("tmp", None, "Folder for the file and the store (default: system temp).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the rows as JSON here.")
 

@@ -1,6 +1,7 @@
 """Evaluation: fidelity figures, selection baselines and the candidate protocol."""
 
 import itertools
+import os
 
 import jax
 import numpy as np
@@ -97,3 +98,102 @@ def test_nearest_to_centroids_quota_and_order():
     # n=6 over sizes 4,2,6 -> exact 2,1,3 -> nearest 2 of cluster 0, 1 of cluster 1, 3 of cluster 2.
     idx = baselines.nearest_to_centroids(assign, dist, 3, 6)
     np.testing.assert_array_equal(idx, [1, 3, 5, 9, 10, 11])
+
+
+# ---------------------------------------------------------------- the protocol on the tiny run
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tiny_run):
+    from diet_jax.data.store import StageStore
+    from diet_jax.train.reference import train_reference
+    from tests.conftest import load_config
+
+    workdir, _ = tiny_run
+    config = load_config("synthetic", "tiny")
+    store = StageStore(os.path.join(workdir, "data"))
+    return config, store, train_reference(config, store, workdir)  # restored, not retrained
+
+
+@pytest.mark.parametrize("method", ["random", "el2n", "kmeans"])
+def test_selection_baselines_return_exactly_the_budget(method, tiny_reference):
+    from diet_jax.distill import phase1
+    from diet_jax.evaluate import methods
+
+    config, store, ref = tiny_reference
+    mem = methods.selection_memory(method, config, store, ref)
+    sizes = [
+        phase1.budget(s.rows, config.ratio)
+        for s in store.feature_map.stages_with_role("historical")
+    ]
+    assert len(mem) == sum(sizes)
+    origin = np.asarray(mem.origin_N)
+    assert [int((origin == t).sum()) for t in (1, 2, 3)] == sizes
+    # Rows are distinct within a stage and converted by that stage's teacher.
+    rows = np.asarray(mem.row_N)
+    for t in (1, 2, 3):
+        assert np.unique(rows[origin == t]).size == sizes[t - 1]
+    teacher = ref.stage_state(2)
+    x = np.asarray(store.stage("stage_2").x_NxF)[rows[origin == 2]]
+    np.testing.assert_allclose(
+        np.asarray(mem.e_NxFxD)[origin == 2],
+        np.asarray(ref.model.embed(teacher.params["embed"], x)),
+        rtol=1e-6,
+    )
+
+
+def test_candidate_inherits_teacher_embeddings_and_keeps_the_best_epoch(
+    tiny_reference, monkeypatch
+):
+    from diet_jax.evaluate import methods, protocol
+    from diet_jax.models import build_model
+    from diet_jax.train import loop
+
+    config, store, ref = tiny_reference
+    mem = methods.selection_memory("random", config, store, ref)
+    model = build_model(config.model, store.feature_map, name="dcn")
+    teacher_embed = ref.final.params["embed"]
+
+    params_dense, state, info, seconds, samples = protocol.train_on_rows(
+        model, teacher_embed, mem.trainable(), store, config, seed=0
+    )
+    assert info["best_epoch"] == int(np.argmax(info["val_auc_per_epoch"]))
+    assert len(info["val_auc_per_epoch"]) == config.evaluate.max_epochs
+    assert samples == config.evaluate.max_epochs * len(mem) and seconds > 0
+    val = loop.evaluate(
+        protocol._predict_step(model),
+        {"embed": teacher_embed, "dense": params_dense},
+        state,
+        store.stages("validation")[0],
+        config.train.eval_batch_size,
+        store.feature_map.tasks,
+    )
+    assert val["auc"] == pytest.approx(max(info["val_auc_per_epoch"]), abs=1e-9)
+
+    seen = {}
+    real_finetune = protocol.finetune_and_test
+
+    def spy(model, params, state, store, config, seed, stages):
+        seen["embed"] = jax.tree.map(np.array, params["embed"])
+        seen["stages"] = stages
+        return real_finetune(model, params, state, store, config, seed, stages)
+
+    monkeypatch.setattr(protocol, "finetune_and_test", spy)
+    out = protocol.run_candidate(
+        "random", model, store, config, teacher_embed, mem.trainable(), seed=0
+    )
+    jax.tree.map(
+        np.testing.assert_array_equal, seen["embed"], jax.tree.map(np.asarray, teacher_embed)
+    )
+    assert seen["stages"] == ["subsequent"]
+    assert (
+        out.train_samples
+        == config.evaluate.max_epochs * len(mem)
+        + (3000 // config.train.batch_size) * config.train.batch_size
+    )
+    # The teacher's table itself is untouched by the fine-tune (it trained on a copy).
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        seen["embed"],
+        jax.tree.map(np.asarray, ref.final.params["embed"]),
+    )

@@ -308,6 +308,24 @@ def test_taobao_min_count_sends_rare_values_to_oov(tmp_path):
     _check_store(root, spans, expected, taobao.FIELDS, taobao.TASKS, min_count=3)
 
 
+def test_taobao_store_is_deterministic(tmp_path):
+    rows = _taobao_rows(np.random.default_rng(7), n=500)
+    data = tmp_path / "raw"
+    data.mkdir()
+    _write_csv(data / taobao.FILE, [",".join(map(str, r)) for r in rows])
+    c = load_config("taobao", "tiny")
+    c.data.data_dir = str(data)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert taobao.build(c.data, a, progress=False) == taobao.build(c.data, b, progress=False)
+    for s in StageStore(a).feature_map.stages:
+        np.testing.assert_array_equal(
+            StageStore(a).stage(s.name).x_NxF, StageStore(b).stage(s.name).x_NxF
+        )
+        np.testing.assert_array_equal(
+            StageStore(a).stage(s.name).y_NxK, StageStore(b).stage(s.name).y_NxK
+        )
+
+
 BAD_TAOBAO = [
     ("1,2,3,pv", None, "expected 5 columns, found 4"),
     ("1,2,3,pv,1511540000,7", None, "expected 5 columns, found 6"),

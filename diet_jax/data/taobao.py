@@ -112,8 +112,11 @@ def build(data_cfg, root: str, *, progress: bool = True) -> FeatureMap:
 
 def _samples(rows: pl.LazyFrame, offset: int) -> pl.LazyFrame:
     b = pl.col("b")
+    day = ((pl.col("timestamp") + offset) // 86400).alias("day")
     return (
-        rows.group_by("user_id", "item_id", ((pl.col("timestamp") + offset) // 86400).alias("day"))
+        # maintain_order: samples in order of first appearance, so the store is deterministic
+        # without a multi-key sort (3x the group-by's time).
+        rows.group_by("user_id", "item_id", day, maintain_order=True)
         .agg(
             pl.col("stage").first(),
             pl.col("category_id").min(),
@@ -123,6 +126,5 @@ def _samples(rows: pl.LazyFrame, offset: int) -> pl.LazyFrame:
             (b == BEHAVIORS.index("buy")).any().alias("buy"),
         )
         .with_columns(hour=((pl.col("first_ts") + offset) % 86400) // 3600)
-        .sort("stage", "first_ts", "user_id", "item_id")
         .select("stage", *FIELDS, *TASKS)
     )

@@ -171,7 +171,7 @@ def _samples(rows: pl.LazyFrame, users: pl.LazyFrame, year: int) -> pl.LazyFrame
     a = pl.col("action_type")
     ts = pl.col("time_stamp")
     return (
-        rows.group_by("user_id", "item_id", "time_stamp")
+        rows.group_by("user_id", "item_id", "time_stamp", maintain_order=True)
         .agg(
             pl.col("stage").first(),
             pl.col("cat_id").min(),
@@ -179,12 +179,11 @@ def _samples(rows: pl.LazyFrame, users: pl.LazyFrame, year: int) -> pl.LazyFrame
             pl.col("brand_id").min(),
             *[(a == ACTIONS[t]).any().alias(t) for t in TASKS],
         )
-        .join(users, on="user_id", how="left")
+        .join(users, on="user_id", how="left", maintain_order="left")
         .with_columns(
             pl.col("age_range").fill_null(UNKNOWN_AGE),
             pl.col("gender").fill_null(UNKNOWN_GENDER),
             weekday=pl.date(year, ts // 100, ts % 100).dt.weekday(),
         )
-        .sort("stage", "time_stamp", "user_id", "item_id")
         .select("stage", *FIELDS, *TASKS)
     )

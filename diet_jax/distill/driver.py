@@ -17,10 +17,12 @@ carries the earlier stages' rows into it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import shutil
 import time
+import types
 from collections.abc import Callable
 
 import jax
@@ -83,7 +85,9 @@ def check_config(dc) -> None:
             f"config.distill.window ({dc.window}) must not exceed inner_steps ({dc.inner_steps})."
         )
     if not 0 < dc.hard_fraction <= 1:
-        raise ValueError(f"config.distill.hard_fraction must lie in (0, 1], got {dc.hard_fraction}.")
+        raise ValueError(
+            f"config.distill.hard_fraction must lie in (0, 1], got {dc.hard_fraction}."
+        )
     if not 0 <= dc.percentile <= 1:
         raise ValueError(f"config.distill.percentile must lie in [0, 1], got {dc.percentile}.")
     for key in ("inner_lr", "meta_lr_embed", "meta_lr_labels"):
@@ -116,6 +120,17 @@ def bilevel_config(config, memory_rows: int, batch_size: int) -> bilevel.Bilevel
         remat=dc.remat,
         chunk_size=dc.chunk_size or None,
     )
+
+
+_OPTIMIZER_KEYS = ("meta_lr_embed", "meta_lr_labels", "learn_labels", "max_grad_norm")
+
+
+@functools.cache
+def _optimizer_and_step(model, bcfg: bilevel.BilevelConfig, optimizer_items: tuple):
+    """(meta optimizer, jitted outer step), built once per process for equal settings: a rerun
+    in the same process (tests, notebooks) neither traces nor compiles again."""
+    tx = bilevel.make_meta_optimizer(types.SimpleNamespace(**dict(optimizer_items)))
+    return tx, bilevel.make_outer_step(model, bcfg, tx)
 
 
 def _real_batch(stage: Stage, k: int, batch_size: int, seed: int, cache: dict) -> dict:
@@ -222,9 +237,7 @@ def _report(m, k, bar, writer, log_every, log_fields, iterations) -> None:
     auc = _hard_auc(m["hard_logits"], m["hard_y"])
     bar.set_postfix(meta_loss=f"{loss:.4f}")
     if writer is not None:
-        scalars = {
-            key: float(v) for key, v in m.items() if key not in ("hard_logits", "hard_y")
-        }
+        scalars = {key: float(v) for key, v in m.items() if key not in ("hard_logits", "hard_y")}
         writer.write(phase="distill", iteration=k, hard_auc=auc, **scalars, **(log_fields or {}))
 
 
@@ -242,8 +255,7 @@ def distill(
     model = ref.model
     root = distill_root(workdir)
     bs = real_batch_size(config)
-    tx = bilevel.make_meta_optimizer(dc)
-    steps: dict = {}  # one jitted outer step per BilevelConfig (memory and batch sizes)
+    optimizer_items = tuple((k, dc[k]) for k in _OPTIMIZER_KEYS)
     previous, restored, stages_info, seconds = None, [], {}, 0.0
     for t, name in enumerate(ref.stage_names, start=1):
         final_path = memory_path(root, t)
@@ -281,8 +293,7 @@ def distill(
 
         # ---- phase 2: bi-level refinement
         bcfg = bilevel_config(config, len(memory0), bs)
-        if bcfg not in steps:
-            steps[bcfg] = bilevel.make_outer_step(model, bcfg, tx)
+        tx, outer_step = _optimizer_and_step(model, bcfg, optimizer_items)
         proxy = teacher if t == 1 else ref.stage_state(t - 1)
         ctx = {
             "embed": teacher.params["embed"],
@@ -293,7 +304,7 @@ def distill(
         }
         state = bilevel.init_state(memory0, tx, seed=config.seed + t)
         state, p2 = refine(
-            steps[bcfg],
+            outer_step,
             state,
             stage,
             ctx,

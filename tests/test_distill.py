@@ -1,0 +1,290 @@
+"""DIET phase 2: meta-gradients, RaT-BPTT truncation, addressing, distillation quality, resume."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import load_config
+
+from diet_jax import influence
+from diet_jax.data.store import FeatureMap
+from diet_jax.distill import addressing, bilevel, driver, phase1
+from diet_jax.distill import memory as memory_lib
+from diet_jax.models import build_model
+from diet_jax.train.reference import train_reference
+from diet_jax.train.steps import bce_per_sample
+
+M, LR = 4, 0.3
+
+
+def rel_err(a, b) -> float:
+    a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(a)])
+    b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(b)])
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def tiny_problem():
+    """A very small DCN + MMoE in float64, 4 synthetic rows, 3 hard targets, theta_0."""
+    with jax.enable_x64(True):
+        cfg = load_config("synthetic", "tiny")
+        cfg.model.embed_dim = 3
+        cfg.model.mmoe.num_experts = 1
+        cfg.model.mmoe.expert_hidden = (4,)
+        cfg.model.mmoe.tower_hidden = (2,)
+        cfg.model.dcn.hidden = (4,)
+        cfg.model.dcn.num_cross_layers = 1
+        model = build_model(cfg.model, FeatureMap("t", ("a", "b"), (3, 3), ("t1", "t2"), ()))
+        params, state = model.init_dense(jax.random.key(0))
+        params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+        ks = jax.random.split(jax.random.key(1), 4)
+        syn = {
+            "e": jax.random.normal(ks[0], (4, 2, 3), jnp.float64),
+            "logits": jax.random.normal(ks[1], (4, 2), jnp.float64),
+        }
+        hard = {
+            "e": jax.random.normal(ks[2], (3, 2, 3), jnp.float64),
+            "y": jnp.array([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]]),
+        }
+        yield model, params, state, syn, hard
+
+
+def python_unroll_loss(model, syn_early, syn_late, params, state, hard, n_early, n_late):
+    """Reference: a Python loop of SGD steps, the first n_early on syn_early, then n_late on
+    syn_late; BCE of the result on the hard targets."""
+    carry = (params, state)
+    for i in range(n_early + n_late):
+        carry = bilevel.inner_step(model, LR, carry, syn_early if i < n_early else syn_late)
+    logits = model.dense(carry[0], carry[1], hard["e"], train=False)[0]
+    return jnp.mean(bce_per_sample(logits, hard["y"]))
+
+
+def test_meta_gradient_matches_finite_differences(tiny_problem):
+    with jax.enable_x64(True):
+        model, params, state, syn, hard = tiny_problem
+        loss, grads, _ = bilevel.truncated_meta_grad(
+            model, syn, params, state, hard, 0, window=M, lr=LR
+        )
+        assert np.isfinite(float(loss))
+        for seed in range(3):
+            ks = jax.random.split(jax.random.key(10 + seed), 2)
+            v = {
+                "e": jax.random.normal(ks[0], (4, 2, 3)),
+                "logits": jax.random.normal(ks[1], (4, 2)),
+            }
+
+            def f(s):
+                return bilevel.meta_loss(model, s, params, state, hard, window=M, lr=LR)[0]
+
+            h = 1e-5
+            plus = f(jax.tree.map(lambda a, d: a + h * d, syn, v))
+            minus = f(jax.tree.map(lambda a, d: a - h * d, syn, v))
+            fd = (plus - minus) / (2 * h)
+            analytic = sum(jnp.vdot(grads[k], v[k]) for k in grads)
+            assert abs(float(fd - analytic)) <= 1e-6 * max(abs(float(fd)), 1e-3)
+
+
+def test_full_window_equals_full_backprop(tiny_problem):
+    with jax.enable_x64(True):
+        model, params, state, syn, hard = tiny_problem
+        _, grads, _ = bilevel.truncated_meta_grad(
+            model, syn, params, state, hard, 0, window=M, lr=LR
+        )
+        full = jax.grad(lambda s: python_unroll_loss(model, s, s, params, state, hard, 0, M))(syn)
+        assert rel_err(grads, full) < 1e-10
+        # Remat changes memory, not values.
+        _, grads_remat, _ = bilevel.truncated_meta_grad(
+            model, syn, params, state, hard, 0, window=M, lr=LR, remat=True
+        )
+        assert rel_err(grads_remat, full) < 1e-10
+
+
+@pytest.mark.parametrize("start", [1, 2])
+def test_truncated_gradient_holds_earlier_steps_constant(tiny_problem, start):
+    with jax.enable_x64(True):
+        model, params, state, syn, hard = tiny_problem
+        window = M - start
+        loss, grads, _ = jax.jit(
+            functools.partial(bilevel.truncated_meta_grad, model, window=window, lr=LR)
+        )(syn, params, state, hard, start)  # start traced: the while-loop prefix under jit
+        # Reference: the first `start` steps see the memory as a constant.
+        ref_loss, ref = jax.value_and_grad(
+            lambda late: python_unroll_loss(model, syn, late, params, state, hard, start, window)
+        )(syn)
+        assert rel_err(grads, ref) < 1e-10
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
+        full = jax.grad(lambda s: python_unroll_loss(model, s, s, params, state, hard, 0, M))(syn)
+        assert rel_err(grads, full) > 1e-3  # truncation does change the gradient
+
+
+def test_addressing_picks_by_brute_force_influence(tiny_problem):
+    with jax.enable_x64(True):
+        model, params, state, syn, hard = tiny_problem
+        loss_fn = influence.dense_loss(model, state)
+        ks = jax.random.split(jax.random.key(5), 2)
+        real = {
+            "e": jax.random.normal(ks[0], (8, 2, 3), jnp.float64),
+            "y": jax.random.bernoulli(ks[1], 0.5, (8, 2)).astype(jnp.float64),
+        }
+        mem = {"e": syn["e"], "y": jax.nn.sigmoid(syn["logits"])}
+        a_NxB = np.asarray(influence.pairwise(loss_fn, loss_fn, params, mem, real))
+        weights = jnp.array([1.0] * 7 + [0.0])  # the last row is padding
+        hard_idx, active_idx, _ = addressing.address(
+            loss_fn,
+            params,
+            {**real, "w": weights},
+            mem,
+            hard_size=3,
+            active_size=2,
+            key=jax.random.key(0),
+        )
+        deficiency = a_NxB.sum(axis=0)[:7]
+        assert sorted(np.asarray(hard_idx).tolist()) == sorted(np.argsort(deficiency)[:3].tolist())
+        resp = a_NxB[:, np.asarray(hard_idx)].sum(axis=1)
+        assert sorted(np.asarray(active_idx).tolist()) == sorted(np.argsort(-resp)[:2].tolist())
+        # Plain variants: random distinct subsets of the same sizes.
+        h, a, stats = addressing.address(
+            loss_fn,
+            params,
+            real,
+            mem,
+            hard_size=3,
+            active_size=2,
+            key=jax.random.key(0),
+            target_selection=False,
+            memory_selection=False,
+        )
+        assert len(set(np.asarray(h).tolist())) == 3 and len(set(np.asarray(a).tolist())) == 2
+        assert stats == {}
+
+
+# ------------------------------------------------------------------ on the tiny stream
+
+
+def _config(**distill):
+    cfg = load_config("synthetic", "tiny")
+    for k, v in distill.items():
+        cfg.distill[k] = v
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tiny_store, tmp_path_factory):
+    """The tiny teacher, trained once for this module; its checkpoints are shared by workdirs."""
+    root = str(tmp_path_factory.mktemp("teacher"))
+    cfg = _config()
+    cfg.teacher.checkpoint_dir = root
+    return cfg, train_reference(cfg, tiny_store, root)
+
+
+def _proxy_val_loss(model, memory, val, ctx, n_inits=4, steps=10, lr=0.3):
+    """Mean over random proxies of the held-out BCE after `steps` SGD steps on the memory."""
+    syn = memory.trainable()
+
+    @jax.jit
+    def one(key):
+        params, state = model.init_dense(key)
+        params, state = bilevel.unroll(model, params, state, syn, steps, lr)
+        logits = model.dense(params, state, val["e"], train=False)[0]
+        return jnp.mean(bce_per_sample(logits, val["y"]))
+
+    return float(np.mean([one(jax.random.key(100 + i)) for i in range(n_inits)]))
+
+
+def test_distilled_memory_lowers_held_out_loss(tiny_store, teacher_run, tmp_path):
+    cfg, ref = teacher_run
+    cfg = cfg.copy_and_resolve_references()
+    model, teacher = ref.model, ref.stage_state(1)
+    stage = tiny_store.stage("stage_1")
+    memory0, _ = phase1.boundary_memory(
+        model, teacher, stage, 1, None, ratio=0.02, percentile=0.9, batch_size=1024
+    )  # 120 rows
+    dc = cfg.distill
+    dc.meta_lr_embed, dc.meta_lr_labels, dc.inner_steps, dc.window = 1e-2, 5e-2, 10, 5
+    dc.inner_lr, dc.active_size = 0.3, 60
+    bcfg = driver.bilevel_config(cfg, len(memory0), 256)
+    tx = bilevel.make_meta_optimizer(dc)
+    ctx = {
+        "embed": teacher.params["embed"],
+        "teacher_dense": teacher.params["dense"],
+        "teacher_state": teacher.model_state,
+        "proxy_dense": teacher.params["dense"],
+        "proxy_state": teacher.model_state,
+    }
+    state, stats = driver.refine(
+        bilevel.make_outer_step(model, bcfg, tx),
+        bilevel.init_state(memory0, tx, seed=0),
+        stage,
+        ctx,
+        random_init=True,
+        iterations=120,
+        batch_size=256,
+        seed=1,
+        ckpt_dir=str(tmp_path / "ckpt"),
+        checkpoint_every=0,
+        progress=False,
+    )
+    assert stats["iterations"] == 120
+    memory = memory0.with_trainable(state.syn)
+    v = tiny_store.stages("validation")[0]
+    val = {
+        "e": model.embed(teacher.params["embed"], jnp.asarray(v.x_NxF[:2000])),
+        "y": jnp.asarray(v.y_NxK[:2000], jnp.float32),
+    }
+    before = _proxy_val_loss(model, memory0, val, ctx)
+    after = _proxy_val_loss(model, memory, val, ctx)
+    assert after < before - 0.01, (before, after)
+
+
+def test_kill_and_resume_gives_the_same_memory(tiny_store, teacher_run, tmp_path):
+    cfg, ref = teacher_run
+    cfg = cfg.copy_and_resolve_references()
+    ref2 = dataclasses.replace(ref, stage_names=ref.stage_names[:2])  # two stages suffice
+    cfg.distill.outer_iterations, cfg.distill.checkpoint_every = 6, 2
+
+    one_go = str(tmp_path / "one_go")
+    run = driver.distill(cfg, tiny_store, ref2, one_go)
+    assert len(run.final) == 2 * phase1.budget(6000, cfg.ratio)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at(stage_call: int):
+        calls = {"n": 0}
+
+        def callback(k, _):
+            calls["n"] += 1
+            if calls["n"] == stage_call:
+                raise Killed
+
+        return callback
+
+    resumed = str(tmp_path / "resumed")
+    with pytest.raises(Killed):  # in stage 1, after iteration 3 (last checkpoint: 2)
+        driver.distill(cfg, tiny_store, ref2, resumed, callback=kill_at(3))
+    with pytest.raises(Killed):  # stage 1 resumes at 2 (4 calls); killed after stage 2's 5th
+        driver.distill(cfg, tiny_store, ref2, resumed, callback=kill_at(4 + 5))
+    again = driver.distill(cfg, tiny_store, ref2, resumed)
+    assert again.stages["stage_2"]["phase2_resumed_from"] == 4
+    for t in (1, 2):
+        a, b = run.memory(t), again.memory(t)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(
+        run.memory(2).e_NxFxD,
+        memory_lib.load(driver.stage_dir(driver.distill_root(one_go), 2) + "/init").e_NxFxD,
+    )  # it did move
+    # A finished run restores every stage and does no work.
+    done = driver.distill(cfg, tiny_store, ref2, resumed)
+    assert done.restored == ref2.stage_names and done.seconds == 0.0
+
+
+def test_bad_distill_config_is_rejected(tiny_store, teacher_run, tmp_path):
+    cfg, ref = teacher_run
+    cfg = cfg.copy_and_resolve_references()
+    cfg.distill.window = cfg.distill.inner_steps + 1
+    with pytest.raises(ValueError, match="window"):
+        driver.distill(cfg, tiny_store, ref, str(tmp_path))
