@@ -62,26 +62,46 @@ def python_unroll_loss(model, syn_early, syn_late, params, state, hard, n_early,
     return jnp.mean(bce_per_sample(logits, hard["y"]))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 6, 7))
+def reference_grad(model, syn_early, syn_late, params, state, hard, n_early, n_late):
+    """(loss, d loss / d syn_late): with n_early = 0 the full backpropagation."""
+    return jax.value_and_grad(
+        lambda late: python_unroll_loss(
+            model, syn_early, late, params, state, hard, n_early, n_late
+        )
+    )(syn_late)
+
+
+truncated_meta_grad = jax.jit(
+    bilevel.truncated_meta_grad, static_argnums=0, static_argnames=("window", "lr", "remat")
+)
+meta_loss = jax.jit(bilevel.meta_loss, static_argnums=0, static_argnames=("window", "lr", "remat"))
+
+
 def test_meta_gradient_matches_finite_differences(tiny_problem):
     with jax.enable_x64(True):
         model, params, state, syn, hard = tiny_problem
-        loss, grads, _ = bilevel.truncated_meta_grad(
-            model, syn, params, state, hard, 0, window=M, lr=LR
-        )
+        loss, grads, _ = truncated_meta_grad(model, syn, params, state, hard, 0, window=M, lr=LR)
         assert np.isfinite(float(loss))
+        h = 1e-5
         for seed in range(3):
             ks = jax.random.split(jax.random.key(10 + seed), 2)
             v = {
                 "e": jax.random.normal(ks[0], (4, 2, 3)),
                 "logits": jax.random.normal(ks[1], (4, 2)),
             }
-
-            def f(s):
-                return bilevel.meta_loss(model, s, params, state, hard, window=M, lr=LR)[0]
-
-            h = 1e-5
-            plus = f(jax.tree.map(lambda a, d: a + h * d, syn, v))
-            minus = f(jax.tree.map(lambda a, d: a - h * d, syn, v))
+            plus, minus = (
+                meta_loss(
+                    model,
+                    jax.tree.map(lambda a, d, s=sign: a + s * h * d, syn, v),
+                    params,
+                    state,
+                    hard,
+                    window=M,
+                    lr=LR,
+                )[0]
+                for sign in (1.0, -1.0)
+            )
             fd = (plus - minus) / (2 * h)
             analytic = sum(jnp.vdot(grads[k], v[k]) for k in grads)
             assert abs(float(fd - analytic)) <= 1e-6 * max(abs(float(fd)), 1e-3)
@@ -90,13 +110,11 @@ def test_meta_gradient_matches_finite_differences(tiny_problem):
 def test_full_window_equals_full_backprop(tiny_problem):
     with jax.enable_x64(True):
         model, params, state, syn, hard = tiny_problem
-        _, grads, _ = bilevel.truncated_meta_grad(
-            model, syn, params, state, hard, 0, window=M, lr=LR
-        )
-        full = jax.grad(lambda s: python_unroll_loss(model, s, s, params, state, hard, 0, M))(syn)
+        _, grads, _ = truncated_meta_grad(model, syn, params, state, hard, 0, window=M, lr=LR)
+        _, full = reference_grad(model, syn, syn, params, state, hard, 0, M)
         assert rel_err(grads, full) < 1e-10
         # Remat changes memory, not values.
-        _, grads_remat, _ = bilevel.truncated_meta_grad(
+        _, grads_remat, _ = truncated_meta_grad(
             model, syn, params, state, hard, 0, window=M, lr=LR, remat=True
         )
         assert rel_err(grads_remat, full) < 1e-10
@@ -107,16 +125,15 @@ def test_truncated_gradient_holds_earlier_steps_constant(tiny_problem, start):
     with jax.enable_x64(True):
         model, params, state, syn, hard = tiny_problem
         window = M - start
-        loss, grads, _ = jax.jit(
-            functools.partial(bilevel.truncated_meta_grad, model, window=window, lr=LR)
-        )(syn, params, state, hard, start)  # start traced: the while-loop prefix under jit
+        # `start` is traced: the prefix is a while loop, as inside the outer step.
+        loss, grads, _ = truncated_meta_grad(
+            model, syn, params, state, hard, start, window=window, lr=LR
+        )
         # Reference: the first `start` steps see the memory as a constant.
-        ref_loss, ref = jax.value_and_grad(
-            lambda late: python_unroll_loss(model, syn, late, params, state, hard, start, window)
-        )(syn)
+        ref_loss, ref = reference_grad(model, syn, syn, params, state, hard, start, window)
         assert rel_err(grads, ref) < 1e-10
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
-        full = jax.grad(lambda s: python_unroll_loss(model, s, s, params, state, hard, 0, M))(syn)
+        _, full = reference_grad(model, syn, syn, params, state, hard, 0, M)
         assert rel_err(grads, full) > 1e-3  # truncation does change the gradient
 
 
@@ -132,7 +149,12 @@ def test_addressing_picks_by_brute_force_influence(tiny_problem):
         mem = {"e": syn["e"], "y": jax.nn.sigmoid(syn["logits"])}
         a_NxB = np.asarray(influence.pairwise(loss_fn, loss_fn, params, mem, real))
         weights = jnp.array([1.0] * 7 + [0.0])  # the last row is padding
-        hard_idx, active_idx, _ = addressing.address(
+        address = jax.jit(
+            addressing.address,
+            static_argnums=0,
+            static_argnames=("hard_size", "active_size", "target_selection", "memory_selection"),
+        )
+        hard_idx, active_idx, _ = address(
             loss_fn,
             params,
             {**real, "w": weights},
@@ -146,7 +168,7 @@ def test_addressing_picks_by_brute_force_influence(tiny_problem):
         resp = a_NxB[:, np.asarray(hard_idx)].sum(axis=1)
         assert sorted(np.asarray(active_idx).tolist()) == sorted(np.argsort(-resp)[:2].tolist())
         # Plain variants: random distinct subsets of the same sizes.
-        h, a, stats = addressing.address(
+        h, a, stats = address(
             loss_fn,
             params,
             real,

@@ -167,8 +167,14 @@ def test_parameter_count_matches_formula(name, arg, overrides):
     n_backbone, h = backbone_n(name, config.model, f, d)
     assert count(params["embed"]) == sum(config.data.vocab_sizes) * d
     assert count(params["dense"]) == n_backbone + head_n(config.model.mmoe, h, k)
-    # Running statistics: mean and variance per normalised unit, half the BN parameter count.
+    # Running statistics: a mean and a variance per unit, as many as BN's scale and bias.
     assert set(state) <= {"batch_stats"}
+    n_bn = sum(
+        int(np.prod(leaf.shape))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params["dense"])
+        if any(str(getattr(k, "key", "")).startswith("bn_") for k in path)
+    )
+    assert count(state) == n_bn
 
 
 # ----------------------------------------------------------------------------- forward and BN

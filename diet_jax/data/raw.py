@@ -196,12 +196,12 @@ def iter_csv(
     with opener() if opener is not None else open(path, "rb") as f:
         line = 1
         if header:
-            raw = f.readline()
+            head = f.readline()
             if bar is not None:
-                bar.update(len(raw))
-            if not raw.strip():
+                bar.update(len(head))
+            if not head.strip():
                 raise RawFormatError(path, 1, None, "empty file; expected a header line.")
-            text = raw.decode("utf-8").rstrip("\r\n")
+            text = head.decode("utf-8").rstrip("\r\n")
             names = [n.strip().strip('"') for n in text.split(separator)]
             missing = [c for c in columns if c not in names]
             if missing or len(set(names)) != len(names):

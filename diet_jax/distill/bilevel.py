@@ -86,7 +86,7 @@ def make_meta_optimizer(distill_cfg) -> optax.GradientTransformation:
 
 
 def init_state(memory: Memory, tx: optax.GradientTransformation, seed: int) -> DistillState:
-    syn = memory.trainable()
+    syn = jax.tree.map(jnp.copy, memory.trainable())  # the step donates its state
     state = DistillState(
         step=jnp.zeros((), jnp.int32),
         syn=syn,

@@ -5,9 +5,9 @@
 
 Distilled samples live in embedding space, so any dense network trains on them; a candidate
 inherits the teacher's `params["embed"]` unchanged. `state` holds non-trainable collections
-(BatchNorm's `batch_stats`); it is an empty dict for models without them. A backbone may add
-auxiliary training losses (FinalNet's self-distillation) by `self.sow("losses", name, value)`;
-`dense` returns their sum in train mode.
+(BatchNorm's `batch_stats`); it is an empty dict for models without them. Auxiliary training
+losses are sown with `self.sow("losses", name, value)` (FinalNet 2B's self-distillation, by
+`DenseNet`); `dense` returns their sum in train mode.
 """
 
 from __future__ import annotations
