@@ -202,7 +202,7 @@ def teacher_run(tiny_store, tmp_path_factory):
     return cfg, train_reference(cfg, tiny_store, root)
 
 
-def _proxy_val_loss(model, memory, val, ctx, n_inits=4, steps=10, lr=0.3):
+def _proxy_val_loss(model, memory, val, n_inits=4, steps=10, lr=0.3):
     """Mean over random proxies of the held-out BCE after `steps` SGD steps on the memory."""
     syn = memory.trainable()
 
@@ -229,19 +229,12 @@ def test_distilled_memory_lowers_held_out_loss(tiny_store, teacher_run, tmp_path
     dc.inner_lr, dc.active_size = 0.3, 60
     bcfg = driver.bilevel_config(cfg, len(memory0), 256)
     tx = bilevel.make_meta_optimizer(dc)
-    ctx = {
-        "embed": teacher.params["embed"],
-        "teacher_dense": teacher.params["dense"],
-        "teacher_state": teacher.model_state,
-        "proxy_dense": teacher.params["dense"],
-        "proxy_state": teacher.model_state,
-    }
+    ctx = bilevel.stage_context(teacher, teacher, len(memory0), len(memory0), random_init=True)
     state, stats = driver.refine(
         bilevel.make_outer_step(model, bcfg, tx),
         bilevel.init_state(memory0, tx, seed=0),
         stage,
         ctx,
-        random_init=True,
         iterations=120,
         batch_size=256,
         seed=1,
@@ -256,8 +249,8 @@ def test_distilled_memory_lowers_held_out_loss(tiny_store, teacher_run, tmp_path
         "e": model.embed(teacher.params["embed"], jnp.asarray(v.x_NxF[:2000])),
         "y": jnp.asarray(v.y_NxK[:2000], jnp.float32),
     }
-    before = _proxy_val_loss(model, memory0, val, ctx)
-    after = _proxy_val_loss(model, memory, val, ctx)
+    before = _proxy_val_loss(model, memory0, val)
+    after = _proxy_val_loss(model, memory, val)
     assert after < before - 0.01, (before, after)
 
 

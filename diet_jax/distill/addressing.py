@@ -18,26 +18,44 @@ from diet_jax import influence
 
 
 def hard_targets(
-    loss_fn, params, real, syn, k: int, weights_B=None, *, chunk_size: int | None = None
+    loss_fn,
+    params,
+    real,
+    syn,
+    k: int,
+    weights_B=None,
+    syn_valid_N=None,
+    *,
+    chunk_size: int | None = None,
 ):
     """(indices [k] of the k real samples with the smallest deficiency, deficiency [B]).
 
-    `real` and `syn` are {"e", "y"} batches; rows with weight 0 (padding) are never picked.
+    `real` and `syn` are {"e", "y"} batches; real rows with weight 0 (padding) are never
+    picked; memory rows with `syn_valid_N` False (padding) do not count.
     """
-    deficiency_B = influence.deficiency(loss_fn, loss_fn, params, real, syn, chunk_size=chunk_size)
+    deficiency_B = influence.deficiency(
+        loss_fn, loss_fn, params, real, syn, syn_valid_N, chunk_size=chunk_size
+    )
     ranked = deficiency_B if weights_B is None else jnp.where(weights_B > 0, deficiency_B, jnp.inf)
     return jax.lax.top_k(-ranked, k)[1], deficiency_B
 
 
-def active_memory(loss_fn, params, syn, hard, k: int, *, chunk_size: int | None = None):
-    """(indices [k] of the k memory rows with the largest responsibility, responsibility [N])."""
+def active_memory(
+    loss_fn, params, syn, hard, k: int, syn_valid_N=None, *, chunk_size: int | None = None
+):
+    """(indices [k] of the k memory rows with the largest responsibility, responsibility [N]);
+    rows with `syn_valid_N` False are never picked."""
     resp_N = influence.responsibility(loss_fn, loss_fn, params, syn, hard, chunk_size=chunk_size)
-    return jax.lax.top_k(resp_N, k)[1], resp_N
+    ranked = resp_N if syn_valid_N is None else jnp.where(syn_valid_N, resp_N, -jnp.inf)
+    return jax.lax.top_k(ranked, k)[1], resp_N
 
 
-def random_subset(key: jax.Array, n: int, k: int) -> jax.Array:
-    """k distinct indices of range(n), uniformly: the plain (no selection) variant."""
-    return jax.random.permutation(key, n)[:k]
+def random_subset(key: jax.Array, n: int, k: int, valid_N=None) -> jax.Array:
+    """k distinct indices of range(n) (of the valid ones), uniformly: the plain variant."""
+    u_N = jax.random.uniform(key, (n,))
+    if valid_N is not None:
+        u_N = jnp.where(valid_N, u_N, -1.0)
+    return jax.lax.top_k(u_N, k)[1]
 
 
 def address(
@@ -51,12 +69,15 @@ def address(
     key: jax.Array,
     target_selection: bool = True,
     memory_selection: bool = True,
+    syn_valid_N=None,
     chunk_size: int | None = None,
 ):
     """Both directions. Returns (hard_idx [hard_size], active_idx [active_size], stats).
 
     The influence is taken at `params` with `loss_fn` (see `influence.dense_loss`); `real` may
-    carry weights "w" (0 for padding rows). Nothing here is differentiated.
+    carry weights "w" (0 for padding rows), the memory a validity mask `syn_valid_N` (a memory
+    padded to a fixed capacity, so every stage shares one compiled step). Nothing here is
+    differentiated.
     """
     real, syn, params = jax.lax.stop_gradient((real, syn, params))
     k_hard, k_active = jax.random.split(key)
@@ -70,19 +91,28 @@ def address(
     stats = {}
     if target_selection:
         hard_idx, deficiency_B = hard_targets(
-            loss_fn, params, batch_real, syn, hard_size, real.get("w"), chunk_size=chunk_size
+            loss_fn,
+            params,
+            batch_real,
+            syn,
+            hard_size,
+            real.get("w"),
+            syn_valid_N,
+            chunk_size=chunk_size,
         )
         stats["deficiency_mean"] = jnp.mean(deficiency_B)
         stats["deficiency_hard"] = jnp.mean(deficiency_B[hard_idx])
     else:
-        hard_idx = random_subset(k_hard, b, hard_size)
+        w_B = real.get("w")
+        hard_idx = random_subset(k_hard, b, hard_size, None if w_B is None else w_B > 0)
     hard = jax.tree.map(lambda a: a[hard_idx], batch_real)
     if memory_selection:
         active_idx, resp_N = active_memory(
-            loss_fn, params, syn, hard, active_size, chunk_size=chunk_size
+            loss_fn, params, syn, hard, active_size, syn_valid_N, chunk_size=chunk_size
         )
-        stats["responsibility_mean"] = jnp.mean(resp_N)
+        valid = jnp.ones_like(resp_N) if syn_valid_N is None else syn_valid_N.astype(resp_N.dtype)
+        stats["responsibility_mean"] = jnp.sum(resp_N * valid) / jnp.sum(valid)
         stats["responsibility_active"] = jnp.mean(resp_N[active_idx])
     else:
-        active_idx = random_subset(k_active, n, active_size)
+        active_idx = random_subset(k_active, n, active_size, syn_valid_N)
     return hard_idx, active_idx, stats

@@ -85,8 +85,20 @@ def make_meta_optimizer(distill_cfg) -> optax.GradientTransformation:
     return tx
 
 
-def init_state(memory: Memory, tx: optax.GradientTransformation, seed: int) -> DistillState:
-    syn = jax.tree.map(jnp.copy, memory.trainable())  # the step donates its state
+def init_state(
+    memory: Memory, tx: optax.GradientTransformation, seed: int, capacity: int | None = None
+) -> DistillState:
+    """The phase-2 state of a memory, its rows padded with zeros to `capacity` (default: its
+    size). Padded rows are masked out by `ctx["valid"]`; their gradient is zero, so Adam never
+    moves them."""
+    n = len(memory)
+    capacity = n if capacity is None else capacity
+    if capacity < n:
+        raise ValueError(f"capacity {capacity} is below the memory's {n} rows.")
+    syn = jax.tree.map(
+        lambda a: jnp.concatenate([a, jnp.zeros((capacity - n, *a.shape[1:]), a.dtype)]),
+        memory.trainable(),
+    )  # a fresh copy: the step donates its state
     state = DistillState(
         step=jnp.zeros((), jnp.int32),
         syn=syn,
@@ -95,6 +107,21 @@ def init_state(memory: Memory, tx: optax.GradientTransformation, seed: int) -> D
     )
     # Committed like the step's outputs, so the second call does not compile again.
     return jax.device_put(state, jax.devices()[0])
+
+
+def stage_context(teacher, proxy, rows: int, capacity: int, random_init: bool) -> dict:
+    """The outer step's per-stage inputs: phi_t (`teacher`, its table embeds the real batch),
+    theta_0 (`proxy`'s dense part, or a fresh draw every iteration when `random_init`), and the
+    validity mask of the padded memory. All arrays: every stage shares one compiled step."""
+    return {
+        "embed": teacher.params["embed"],
+        "teacher_dense": teacher.params["dense"],
+        "teacher_state": teacher.model_state,
+        "proxy_dense": proxy.params["dense"],
+        "proxy_state": proxy.model_state,
+        "valid": jnp.arange(capacity) < rows,
+        "random_init": jnp.asarray(random_init),
+    }
 
 
 # ------------------------------------------------------------------ inner loop
@@ -156,22 +183,22 @@ def truncated_meta_grad(
 
 
 def make_outer_step(model: RecModel, cfg: BilevelConfig, tx: optax.GradientTransformation):
-    """Returns outer_step(dstate, batch, ctx, random_init) -> (dstate, metrics), jitted once.
+    """Returns outer_step(dstate, batch, ctx) -> (dstate, metrics), jitted once.
 
-    `batch` = {"x", "y", "w"} (a real minibatch of stage t); `ctx` = {"embed": phi_t's embedding
-    params, "teacher_dense"/"teacher_state": phi_t's dense part, "proxy_dense"/"proxy_state":
-    theta_0 for t > 1}. `random_init` (static) draws theta_0 afresh every iteration (stage 1).
+    `batch` = {"x", "y", "w"} (a real minibatch of stage t); `ctx` from `stage_context`.
     `dstate` is donated.
     """
     m, w = cfg.inner_steps, cfg.window
 
-    def outer_step(dstate: DistillState, batch: dict, ctx: dict, random_init: bool):
+    def outer_step(dstate: DistillState, batch: dict, ctx: dict):
         key = jax.random.fold_in(jax.random.wrap_key_data(dstate.key), dstate.step)
         k_init, k_window, k_address = jax.random.split(key, 3)
-        if random_init:
-            params0, state0 = model.init_dense(k_init)
-        else:
-            params0, state0 = ctx["proxy_dense"], ctx["proxy_state"]
+        # theta_0: a fresh random draw (stage 1) or the previous teacher's dense parameters.
+        params0, state0 = jax.tree.map(
+            lambda r, p: jnp.where(ctx["random_init"], r, p),
+            model.init_dense(k_init),
+            (ctx["proxy_dense"], ctx["proxy_state"]),
+        )
 
         # (1) bidirectional memory addressing, at theta_0 or at the teacher.
         syn = dstate.syn
@@ -194,6 +221,7 @@ def make_outer_step(model: RecModel, cfg: BilevelConfig, tx: optax.GradientTrans
             key=k_address,
             target_selection=cfg.target_selection,
             memory_selection=cfg.memory_selection,
+            syn_valid_N=ctx["valid"],
             chunk_size=cfg.chunk_size,
         )
         hard = {"e": e_real[hard_idx], "y": real["y"][hard_idx]}
@@ -227,4 +255,4 @@ def make_outer_step(model: RecModel, cfg: BilevelConfig, tx: optax.GradientTrans
         }
         return new, metrics
 
-    return jax.jit(outer_step, static_argnames=("random_init",), donate_argnums=0)
+    return jax.jit(outer_step, donate_argnums=0)

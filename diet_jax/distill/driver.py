@@ -104,7 +104,18 @@ def real_batch_size(config) -> int:
     return config.distill.batch_size or config.train.batch_size
 
 
+def memory_sizes(config, stage_rows: list[int]) -> list[int]:
+    """Rows of D_syn^t for t = 1..T: n_t new rows plus, with fusion, n_t retained ones."""
+    sizes, previous = [], 0
+    for rows in stage_rows:
+        n = phase1.budget(rows, config.ratio)
+        sizes.append(n + (min(n, previous) if config.distill.memory_fusion else 0))
+        previous = sizes[-1]
+    return sizes
+
+
 def bilevel_config(config, memory_rows: int, batch_size: int) -> bilevel.BilevelConfig:
+    """`memory_rows`: the smallest memory the step will see (the active set must fit in it)."""
     dc = config.distill
     active = dc.active_size or dc.window * dc.inner_steps  # the paper's W x M (appendix A.3)
     return bilevel.BilevelConfig(
@@ -162,7 +173,6 @@ def refine(
     stage: Stage,
     ctx: dict,
     *,
-    random_init: bool,
     iterations: int,
     batch_size: int,
     seed: int,
@@ -202,7 +212,7 @@ def refine(
         steady_start, steady_k = None, 0
         for k in range(k0, iterations):
             batch = _real_batch(stage, k, batch_size, seed, cache)
-            state, m = outer_step(state, batch, ctx, random_init=random_init)
+            state, m = outer_step(state, batch, ctx)
             if pending is not None:
                 _report(pending, k - 1, bar, writer, log_every, log_fields, iterations)
             pending = m
@@ -256,6 +266,11 @@ def distill(
     root = distill_root(workdir)
     bs = real_batch_size(config)
     optimizer_items = tuple((k, dc[k]) for k in _OPTIMIZER_KEYS)
+    # Phase 2 pads every stage's memory to one capacity: one compiled outer step for all stages.
+    rows = {s.name: s.rows for s in store.feature_map.stages}
+    sizes = memory_sizes(config, [rows[s] for s in ref.stage_names])
+    capacity = max(sizes, default=1)
+    bcfg = bilevel_config(config, min(sizes, default=1), bs)
     previous, restored, stages_info, seconds = None, [], {}, 0.0
     for t, name in enumerate(ref.stage_names, start=1):
         final_path = memory_path(root, t)
@@ -289,26 +304,23 @@ def distill(
             memory_lib.save(init_path, memory0)
             info.update(p1)
         info["phase1_seconds"] = time.perf_counter() - t0
-        info["memory_rows"] = len(memory0)
+        n_rows = info["memory_rows"] = len(memory0)
+        if n_rows != sizes[t - 1]:
+            raise ValueError(
+                f"The phase-1 memory of {name} has {n_rows} rows, {sizes[t - 1]} expected: "
+                f"{init_path} comes from another config; remove {root} to distill again."
+            )
 
         # ---- phase 2: bi-level refinement
-        bcfg = bilevel_config(config, len(memory0), bs)
         tx, outer_step = _optimizer_and_step(model, bcfg, optimizer_items)
-        proxy = teacher if t == 1 else ref.stage_state(t - 1)
-        ctx = {
-            "embed": teacher.params["embed"],
-            "teacher_dense": teacher.params["dense"],
-            "teacher_state": teacher.model_state,
-            "proxy_dense": proxy.params["dense"],
-            "proxy_state": proxy.model_state,
-        }
-        state = bilevel.init_state(memory0, tx, seed=config.seed + t)
+        proxy = teacher if t == 1 else ref.stage_state(t - 1)  # theta_0 (random at t = 1)
+        ctx = bilevel.stage_context(teacher, proxy, n_rows, capacity, random_init=t == 1)
+        state = bilevel.init_state(memory0, tx, seed=config.seed + t, capacity=capacity)
         state, p2 = refine(
             outer_step,
             state,
             stage,
             ctx,
-            random_init=t == 1,
             iterations=dc.outer_iterations,
             batch_size=bs,
             seed=config.seed + 1,
@@ -321,7 +333,7 @@ def distill(
             log_fields={"stage": name},
             callback=callback,
         )
-        memory = memory0.with_trainable(state.syn)
+        memory = memory0.with_trainable(jax.tree.map(lambda a, n=n_rows: a[:n], state.syn))
         memory_lib.save(final_path, memory)
         shutil.rmtree(os.path.join(stage_dir(root, t), "ckpt"), ignore_errors=True)
         info.update({f"phase2_{k}": v for k, v in p2.items()})
