@@ -13,6 +13,7 @@ import time
 import jax
 from absl import logging
 
+from diet_jax import parallel
 from diet_jax import results as results_lib
 from diet_jax.data import prepare
 from diet_jax.distill import driver as distill_driver
@@ -41,8 +42,12 @@ def check_config(config) -> None:
 def run(config, workdir: str) -> dict:
     """Runs every phase that exists; returns the results.json content."""
     check_config(config)
+    # Scale-out: multi-host initialisation first (before any JAX computation), then the mesh,
+    # which checks that the batch sizes divide over the data axis before any work starts.
+    parallel.maybe_initialize_distributed(config)
+    rows = parallel.batch_sharding(parallel.mesh_from_config(config))
     t_start = time.perf_counter()
-    is_main = jax.process_index() == 0
+    is_main = parallel.is_main_process()
     os.makedirs(workdir, exist_ok=True)
     if is_main:
         atomic_write_json(os.path.join(workdir, "config.json"), config.to_dict())
@@ -52,7 +57,7 @@ def run(config, workdir: str) -> dict:
 
     # ---------------------------------------------------------------- Data
     t0 = time.perf_counter()
-    store = prepare.prepare(config, workdir)
+    store = parallel.main_first(lambda: prepare.prepare(config, workdir), "prepare")
     fmap = store.feature_map
     timings["data_seconds"] = time.perf_counter() - t0
     results_lib.describe(res, config, fmap, devices=jax.device_count())
@@ -76,6 +81,7 @@ def run(config, workdir: str) -> dict:
             stage,
             config.train.eval_batch_size,
             fmap.tasks,
+            sharding=rows,
         )
         writer.write(phase="reference_eval", split=role, auc=m["auc"], logloss=m["logloss"])
         logging.info("reference on %s: AUC %.4f LogLoss %.4f", role, m["auc"], m["logloss"])

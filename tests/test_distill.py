@@ -254,6 +254,39 @@ def test_distilled_memory_lowers_held_out_loss(tiny_store, teacher_run, tmp_path
     assert after < before - 0.01, (before, after)
 
 
+def test_padding_the_memory_changes_nothing(tiny_store, teacher_run, tmp_path):
+    """Phase 2 pads every stage's memory to one capacity; padded rows must not matter."""
+    cfg, ref = teacher_run
+    cfg = cfg.copy_and_resolve_references()
+    cfg.distill.address_pool = 0  # a pool is drawn over the capacity: compare without one
+    model, teacher = ref.model, ref.stage_state(1)
+    memory0, _ = phase1.boundary_memory(
+        model, teacher, tiny_store.stage("stage_2"), 2, None, ratio=0.01, percentile=0.9
+    )
+    n = len(memory0)
+    tx = bilevel.make_meta_optimizer(cfg.distill)
+    step = bilevel.make_outer_step(model, driver.bilevel_config(cfg, n, 256), tx)
+    out = []
+    for capacity in (n, n + 37):
+        state, _ = driver.refine(
+            step,
+            bilevel.init_state(memory0, tx, seed=0, capacity=capacity),
+            tiny_store.stage("stage_2"),
+            bilevel.stage_context(teacher, teacher, n, capacity, random_init=False),
+            iterations=3,
+            batch_size=256,
+            seed=1,
+            ckpt_dir=str(tmp_path / f"ckpt{capacity}"),
+            checkpoint_every=0,
+            progress=False,
+        )
+        out.append(state.syn)
+    for key in ("e", "logits"):
+        np.testing.assert_allclose(out[1][key][:n], out[0][key], rtol=1e-5, atol=1e-7)
+        assert not np.any(np.asarray(out[1][key][n:]))
+    assert not np.allclose(out[0]["e"], memory0.e_NxFxD)  # the rows did move
+
+
 def test_kill_and_resume_gives_the_same_memory(tiny_store, teacher_run, tmp_path):
     cfg, ref = teacher_run
     cfg = cfg.copy_and_resolve_references()

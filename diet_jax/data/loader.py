@@ -17,25 +17,36 @@ import grain
 import jax
 import numpy as np
 
+from diet_jax import parallel
 from diet_jax.data.store import Stage
 
 
 class _GatherBatch(grain.transforms.Map):
     """Batch index -> {"x": int32 [B, F], "y": uint8 [B, K], "w": float32 [B]}."""
 
-    def __init__(self, stage: Stage, order_N: np.ndarray, batch_size: int, pad: bool):
+    def __init__(
+        self,
+        stage: Stage,
+        order_N: np.ndarray,
+        batch_size: int,
+        pad: bool,
+        rows: tuple[int, int] | None = None,
+    ):
         self._x, self._y = stage.x_NxF, stage.y_NxK
         self._order = order_N
         self._batch_size = batch_size
         self._pad = pad
+        # Multi-host: this process reads only rows [lo, hi) of every (sorted, padded) batch.
+        self._rows = rows or (0, batch_size)
 
     def map(self, b: int) -> dict[str, np.ndarray]:
         idx = self._order[b * self._batch_size : (b + 1) * self._batch_size]
         # Sorted reads are sequential on disk; the order of rows inside a batch does not matter.
-        idx = np.sort(idx)
+        lo, hi = self._rows
+        idx = np.sort(idx)[lo:hi]  # a short last batch: the padding below fills its end
         x, y = np.asarray(self._x[idx]), np.asarray(self._y[idx])
         w = np.ones(idx.size, np.float32)
-        short = self._batch_size - idx.size
+        short = (hi - lo) - idx.size
         if self._pad and short > 0:
             x = np.concatenate([x, np.zeros((short, x.shape[1]), x.dtype)])
             y = np.concatenate([y, np.zeros((short, y.shape[1]), y.dtype)])
@@ -44,13 +55,19 @@ class _GatherBatch(grain.transforms.Map):
 
 
 class _ToDevice(grain.transforms.Map):
-    """numpy batch -> device batch; runs in grain's reader threads, off the dispatch thread."""
+    """numpy batch -> device batch; runs in grain's reader threads, off the dispatch thread.
 
-    def __init__(self, sharding=None):
+    With a sharding, the (process-local part of the) batch becomes one global array of
+    `batch_size` rows split over the mesh (`diet_jax.parallel`)."""
+
+    def __init__(self, sharding=None, batch_size: int = 0):
         self._sharding = sharding
+        self._batch_size = batch_size
 
     def map(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return jax.device_put(batch, self._sharding)
+        if self._sharding is None:
+            return jax.device_put(batch)
+        return parallel.global_batch(batch, self._sharding, self._batch_size)
 
 
 def num_batches(rows: int, batch_size: int, drop_remainder: bool) -> int:
@@ -71,18 +88,20 @@ def batch_dataset(
     seed: int = 0,
     epoch: int = 0,
     drop_remainder: bool = True,
+    rows: tuple[int, int] | None = None,
 ) -> grain.MapDataset:
     """A grain MapDataset of batches over one stage, for one epoch.
 
     With `drop_remainder=False` the last batch is padded to `batch_size` with weight-0 rows
-    (`w`), so every batch has one static shape and jitted steps compile once.
+    (`w`), so every batch has one static shape and jitted steps compile once. `rows` = (lo, hi):
+    only rows lo..hi-1 of every batch (a process's share on several hosts, `parallel.local_rows`).
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
     n = num_batches(len(stage), batch_size, drop_remainder)
     order = epoch_order(len(stage), shuffle=shuffle, seed=seed, epoch=epoch)
     return grain.MapDataset.range(n).map(
-        _GatherBatch(stage, order, batch_size, pad=not drop_remainder)
+        _GatherBatch(stage, order, batch_size, pad=not drop_remainder, rows=rows)
     )
 
 
@@ -121,8 +140,17 @@ def device_batches(
     prefetch: int = 4,
 ) -> Iterator[dict]:
     """The usual composition: a stage's batches, gathered and put on the device by background
-    threads, up to `prefetch` batches ahead of the step that consumes them."""
+    threads, up to `prefetch` batches ahead of the step that consumes them. With a `sharding`
+    (`parallel.batch_sharding(mesh)`) each batch is split over the mesh, and on several hosts
+    each process reads only its own rows of every batch."""
+    rows = parallel.local_rows(sharding, batch_size)
     ds = batch_dataset(
-        stage, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_remainder=drop_remainder
+        stage,
+        batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        epoch=epoch,
+        drop_remainder=drop_remainder,
+        rows=None if rows == (0, batch_size) else rows,
     )
-    return iterate(ds.map(_ToDevice(sharding)), prefetch=prefetch)
+    return iterate(ds.map(_ToDevice(sharding, batch_size)), prefetch=prefetch)

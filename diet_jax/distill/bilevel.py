@@ -48,6 +48,7 @@ class BilevelConfig:
     influence_at: str = "proxy"  # where A(x, z) is taken: theta_0 or the stage teacher phi_t
     remat: bool = False
     chunk_size: int | None = None  # addressing over the memory in chunks (bounded memory)
+    address_pool: int = 0  # address a random pool of this many memory rows (0: all rows)
 
     def __post_init__(self):
         if not 1 <= self.window <= self.inner_steps:
@@ -105,6 +106,8 @@ def init_state(
         opt_state=tx.init(syn),
         key=jax.random.key_data(jax.random.key(seed)),
     )
+    if jax.process_count() > 1:  # multi-host: the memory is global; the driver places the state
+        return state
     # Committed like the step's outputs, so the second call does not compile again.
     return jax.device_put(state, jax.devices()[0])
 
@@ -192,7 +195,7 @@ def make_outer_step(model: RecModel, cfg: BilevelConfig, tx: optax.GradientTrans
 
     def outer_step(dstate: DistillState, batch: dict, ctx: dict):
         key = jax.random.fold_in(jax.random.wrap_key_data(dstate.key), dstate.step)
-        k_init, k_window, k_address = jax.random.split(key, 3)
+        k_init, k_window, k_address, k_pool = jax.random.split(key, 4)
         # theta_0: a fresh random draw (stage 1) or the previous teacher's dense parameters.
         params0, state0 = jax.tree.map(
             lambda r, p: jnp.where(ctx["random_init"], r, p),
@@ -207,6 +210,16 @@ def make_outer_step(model: RecModel, cfg: BilevelConfig, tx: optax.GradientTrans
         e_real = model.embed(ctx["embed"], batch["x"])
         real = {"e": e_real, "y": batch["y"].astype(jnp.float32), "w": batch["w"]}
         mem = {"e": syn["e"], "y": jax.nn.sigmoid(syn["logits"])}
+        valid = ctx["valid"]
+        capacity = valid.shape[0]
+        if 0 < cfg.address_pool < capacity:
+            # Cost control: the sums over the memory are taken over a fresh uniform pool of
+            # valid rows (an unbiased estimate of Deficiency up to scale; Resp exact on the
+            # pool), and the active rows are the pool's most responsible ones.
+            pool = addressing.random_subset(k_pool, capacity, cfg.address_pool, valid)
+            mem, valid = jax.tree.map(lambda a: a[pool], (mem, valid))
+        else:
+            pool = None
         if cfg.influence_at == "proxy":
             w_inf, s_inf = params0, state0
         else:
@@ -221,9 +234,11 @@ def make_outer_step(model: RecModel, cfg: BilevelConfig, tx: optax.GradientTrans
             key=k_address,
             target_selection=cfg.target_selection,
             memory_selection=cfg.memory_selection,
-            syn_valid_N=ctx["valid"],
+            syn_valid_N=valid,
             chunk_size=cfg.chunk_size,
         )
+        if pool is not None:
+            active_idx = pool[active_idx]
         hard = {"e": e_real[hard_idx], "y": real["y"][hard_idx]}
 
         # (2) bi-level update with RaT-BPTT, differentiating the gather from the full memory.

@@ -32,6 +32,7 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from diet_jax import metrics as metrics_lib
+from diet_jax import parallel
 from diet_jax.data import loader
 from diet_jax.data.store import Stage, StageStore
 from diet_jax.distill import bilevel, phase1
@@ -118,6 +119,8 @@ def bilevel_config(config, memory_rows: int, batch_size: int) -> bilevel.Bilevel
     """`memory_rows`: the smallest memory the step will see (the active set must fit in it)."""
     dc = config.distill
     active = dc.active_size or dc.window * dc.inner_steps  # the paper's W x M (appendix A.3)
+    if dc.address_pool:
+        active = min(active, dc.address_pool)
     return bilevel.BilevelConfig(
         inner_steps=dc.inner_steps,
         window=dc.window,
@@ -130,6 +133,7 @@ def bilevel_config(config, memory_rows: int, batch_size: int) -> bilevel.Bilevel
         influence_at=dc.influence_at,
         remat=dc.remat,
         chunk_size=dc.chunk_size or None,
+        address_pool=dc.address_pool,
     )
 
 
@@ -144,20 +148,28 @@ def _optimizer_and_step(model, bcfg: bilevel.BilevelConfig, optimizer_items: tup
     return tx, bilevel.make_outer_step(model, bcfg, tx)
 
 
-def _real_batch(stage: Stage, k: int, batch_size: int, seed: int, cache: dict) -> dict:
+def _real_batch(
+    stage: Stage, k: int, batch_size: int, seed: int, cache: dict, sharding=None
+) -> dict:
     """Minibatch k of the stage: batch k mod n of the shuffled epoch k div n (no iterator state
-    to save: resuming at k gives the same batch)."""
+    to save: resuming at k gives the same batch). With a `sharding` the batch is split over the
+    mesh and each process reads only its rows of it."""
     n = loader.num_batches(len(stage), batch_size, drop_remainder=True)
     epoch, b = divmod(k, n)
     if cache.get("epoch") != epoch:
         cache["epoch"] = epoch
-        cache["ds"] = loader.batch_dataset(stage, batch_size, shuffle=True, seed=seed, epoch=epoch)
-    return jax.device_put(cache["ds"][b])
+        rows = parallel.local_rows(sharding, batch_size)
+        cache["ds"] = loader.batch_dataset(
+            stage, batch_size, shuffle=True, seed=seed, epoch=epoch, rows=rows
+        )
+    if sharding is None:
+        return jax.device_put(cache["ds"][b])
+    return parallel.global_batch(cache["ds"][b], sharding, batch_size)
 
 
 def _hard_auc(logits_BxK, y_BxK) -> float:
     """Mean over tasks with both classes among the hard targets (NaN if none)."""
-    logits, y = np.asarray(logits_BxK), np.asarray(y_BxK)
+    logits, y = parallel.to_host(logits_BxK), parallel.to_host(y_BxK)
     aucs = [metrics_lib.auc(y[:, k], logits[:, k]) for k in range(y.shape[1])]
     aucs = [a for a in aucs if not math.isnan(a)]
     return float(np.mean(aucs)) if aucs else float("nan")
@@ -184,11 +196,14 @@ def refine(
     desc: str = "distill",
     log_fields: dict | None = None,
     callback: Callable[[int, dict], None] | None = None,
+    sharding=None,
 ) -> tuple[bilevel.DistillState, dict]:
     """Phase 2's loop: `iterations` outer steps from the last checkpoint in `ckpt_dir` (if any).
 
     Checkpoints every `checkpoint_every` iterations (0: never). Metrics are read one iteration
     behind the dispatch; `callback(k, metrics)` runs after iteration k (tests use it to kill).
+    `sharding`: real minibatches split over a mesh (`parallel.batch_sharding`); `state` and
+    `ctx` already placed on it.
     """
     options = ocp.CheckpointManagerOptions(
         max_to_keep=1, create=True, enable_async_checkpointing=False
@@ -211,7 +226,7 @@ def refine(
         start = time.perf_counter()
         steady_start, steady_k = None, 0
         for k in range(k0, iterations):
-            batch = _real_batch(stage, k, batch_size, seed, cache)
+            batch = _real_batch(stage, k, batch_size, seed, cache, sharding)
             state, m = outer_step(state, batch, ctx)
             if pending is not None:
                 _report(pending, k - 1, bar, writer, log_every, log_fields, iterations)
@@ -271,6 +286,11 @@ def distill(
     sizes = memory_sizes(config, [rows[s] for s in ref.stage_names])
     capacity = max(sizes, default=1)
     bcfg = bilevel_config(config, min(sizes, default=1), bs)
+    # Scale-out: real minibatches split over the data axis; memory, proxy and teachers
+    # replicated (the teacher's table row-sharded on request), so every device addresses the
+    # whole memory and the compiler all-reduces the influence sums and meta-gradients.
+    mesh = parallel.mesh_from_config(config)
+    parallel.check_divisible(bs, mesh, "the distillation minibatch (distill.batch_size)")
     previous, restored, stages_info, seconds = None, [], {}, 0.0
     for t, name in enumerate(ref.stage_names, start=1):
         final_path = memory_path(root, t)
@@ -316,6 +336,10 @@ def distill(
         proxy = teacher if t == 1 else ref.stage_state(t - 1)  # theta_0 (random at t = 1)
         ctx = bilevel.stage_context(teacher, proxy, n_rows, capacity, random_init=t == 1)
         state = bilevel.init_state(memory0, tx, seed=config.seed + t, capacity=capacity)
+        if mesh is not None:
+            state = parallel.put_replicated(state, mesh)
+            shard = config.parallel.shard_embeddings
+            ctx = parallel.put(ctx, parallel.state_shardings(ctx, mesh, shard_embeddings=shard))
         state, p2 = refine(
             outer_step,
             state,
@@ -332,6 +356,7 @@ def distill(
             desc=f"distill {name}",
             log_fields={"stage": name},
             callback=callback,
+            sharding=parallel.batch_sharding(mesh),
         )
         memory = memory0.with_trainable(jax.tree.map(lambda a, n=n_rows: a[:n], state.syn))
         memory_lib.save(final_path, memory)

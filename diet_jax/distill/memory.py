@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from diet_jax import checkpoint
+from diet_jax import checkpoint, parallel
 
 
 @flax.struct.dataclass
@@ -87,6 +87,9 @@ def load(path: str) -> Memory:
         raise FileNotFoundError(f"No memory checkpoint at {path!r}.")
     with ocp.StandardCheckpointer() as ckptr:
         tree = ckptr.metadata(path).item_metadata.tree
-        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
+        sharding = parallel.global_replicated()  # None on one process; multi-host: replicated
+        abstract = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree
+        )
         d = ckptr.restore(path, abstract)
     return Memory(d["e"], d["logits"], d["origin"], d["row"])

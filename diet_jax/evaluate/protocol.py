@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from diet_jax import parallel
 from diet_jax.data import loader
 from diet_jax.data.store import StageStore
 from diet_jax.models.factory import RecModel
@@ -37,12 +38,15 @@ class CandidateResult:
     info: dict  # best epoch, validation AUC per epoch, ...
 
 
-def make_rows_epoch(model: RecModel, tx: optax.GradientTransformation, batch_size: int):
+def make_rows_epoch(
+    model: RecModel, tx: optax.GradientTransformation, batch_size: int, sharding=None
+):
     """A jitted epoch over in-memory rows: (params_dense, state, opt_state, e, logits, order) -> ...
 
     The soft target of a row is sigmoid(logits); the loss is the sum over tasks of BCE, averaged
     over rows. The batches of the epoch run in one `lax.scan`: no host round trip per step.
     `order` is a permutation of the rows padded with -1 to a multiple of `batch_size`.
+    `sharding` (`parallel.batch_sharding`): every batch split over the mesh, the inputs replicated.
     """
 
     def loss_fn(params_dense, state, e_BxFxD, t_BxK, w_B):
@@ -54,6 +58,8 @@ def make_rows_epoch(model: RecModel, tx: optax.GradientTransformation, batch_siz
     def epoch(params_dense, state, opt_state, e_NxFxD, logits_NxK, order_P):
         def step(carry, idx_B):
             p, s, o = carry
+            if sharding is not None:  # each device gathers and trains on its share of the batch
+                idx_B = jax.lax.with_sharding_constraint(idx_B, sharding)
             w_B = (idx_B >= 0).astype(jnp.float32)
             idx_B = jnp.maximum(idx_B, 0)
             t_BxK = jax.nn.sigmoid(logits_NxK[idx_B])
@@ -82,9 +88,11 @@ def _predict_step(model: RecModel):
 
 
 @functools.cache
-def _rows_epoch(model: RecModel, batch_size: int, learning_rate: float, max_grad_norm: float):
+def _rows_epoch(
+    model: RecModel, batch_size: int, learning_rate: float, max_grad_norm: float, sharding=None
+):
     tx = optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adam(learning_rate))
-    return tx, make_rows_epoch(model, tx, batch_size)
+    return tx, make_rows_epoch(model, tx, batch_size, sharding)
 
 
 _TRAINERS: dict = {}
@@ -108,21 +116,27 @@ def train_on_rows(
     e, logits = jnp.asarray(rows["e"], jnp.float32), jnp.asarray(rows["logits"], jnp.float32)
     n = int(e.shape[0])
     bs = min(ev.rows_batch_size, n)
+    # Scale-out: rows and parameters replicated, each batch split over the data axis (when the
+    # batch, capped at the number of rows, divides over it).
+    mesh = parallel.mesh_from_config(config)
+    rows_sharding = parallel.batch_sharding(mesh) if bs % parallel.data_size(mesh) == 0 else None
+    put = functools.partial(parallel.put_replicated, mesh=mesh)
     tx, epoch_fn = _rows_epoch(
-        model, bs, float(ev.learning_rate), float(config.train.max_grad_norm)
+        model, bs, float(ev.learning_rate), float(config.train.max_grad_norm), rows_sharding
     )
     params_dense, state = model.init_dense(jax.random.key(seed))
     opt_state = tx.init(params_dense)
+    params_dense, state, opt_state, e, logits = put((params_dense, state, opt_state, e, logits))
     rng = np.random.default_rng(seed)
     # Compiled ahead of time so that training time excludes compilation, as for every method.
-    order = jnp.asarray(padded_order(n, bs, rng))
+    order = put(jnp.asarray(padded_order(n, bs, rng)))
     epoch_fn = epoch_fn.lower(params_dense, state, opt_state, e, logits, order).compile()
     validation = store.stages("validation")[0]
     best, val_aucs, seconds = None, [], 0.0
     for epoch in range(ev.max_epochs):
         start = time.perf_counter()
         params_dense, state, opt_state, loss = epoch_fn(
-            params_dense, state, opt_state, e, logits, jnp.asarray(padded_order(n, bs, rng))
+            params_dense, state, opt_state, e, logits, put(jnp.asarray(padded_order(n, bs, rng)))
         )
         jax.block_until_ready(params_dense)
         seconds += time.perf_counter() - start
@@ -138,6 +152,7 @@ def train_on_rows(
             validation,
             config.train.eval_batch_size,
             store.feature_map.tasks,
+            sharding=parallel.batch_sharding(mesh),
         )
         val_aucs.append(val["auc"])
         if best is None or val["auc"] > best[0]:
@@ -159,11 +174,11 @@ def _copy(tree):
 _WARM: set = set()
 
 
-def _warm_up(trainer, train_state, stage, batch_size: int) -> None:
+def _warm_up(trainer, train_state, stage, batch_size: int, sharding=None) -> None:
     """Compiles the train step outside the timed epochs: one step on a throwaway copy."""
     if id(trainer) in _WARM:
         return
-    batch = next(iter(loader.device_batches(stage, batch_size, shuffle=False)))
+    batch = next(iter(loader.device_batches(stage, batch_size, shuffle=False, sharding=sharding)))
     jax.block_until_ready(trainer.step(_copy(train_state), batch))
     _WARM.add(id(trainer))
 
@@ -174,8 +189,14 @@ def finetune_and_test(
     """One epoch per stage in `stages` (names, in order) on the whole model, then test metrics."""
     trainer = _trainer(model, config.train)
     train_state = trainer.init(_copy(params), _copy(state))
+    mesh = parallel.mesh_from_config(config)  # scale-out: as the teacher (train/reference.py)
+    if mesh is not None:
+        shard = config.parallel.shard_embeddings
+        shardings = parallel.state_shardings(train_state, mesh, shard_embeddings=shard)
+        train_state = parallel.put(train_state, shardings)
+    rows = parallel.batch_sharding(mesh)
     step = trainer.step
-    _warm_up(trainer, train_state, store.stage(stages[0]), config.train.batch_size)
+    _warm_up(trainer, train_state, store.stage(stages[0]), config.train.batch_size, rows)
     seconds, samples = 0.0, 0
     for i, name in enumerate(stages):
         train_state, stats = loop.train_epoch(
@@ -188,6 +209,7 @@ def finetune_and_test(
             desc=f"{model.name} {name}",
             progress=config.progress,
             log_every=config.train.log_every,
+            sharding=rows,
         )
         seconds += stats["seconds"]
         samples += stats["samples"]
@@ -198,6 +220,7 @@ def finetune_and_test(
         store.stages("test")[0],
         config.train.eval_batch_size,
         store.feature_map.tasks,
+        sharding=rows,
     )
     return test, seconds, samples
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from diet_jax import metrics
+from diet_jax import metrics, parallel
 from diet_jax.data import loader
 from diet_jax.data.store import Stage
 from diet_jax.io_utils import MetricsWriter
@@ -29,11 +29,13 @@ def train_epoch(
     log_every: int = 50,
     progress: bool = True,
     log_fields: dict | None = None,
+    sharding=None,
 ):
     """One shuffled pass over `stage`. Returns (state, {"seconds", "samples", "steps", "loss"}).
 
     Metrics are read one step behind the dispatch, so the host never waits on the device inside
-    the loop except to print; a non-finite loss stops the run.
+    the loop except to print; a non-finite loss stops the run. `sharding`: batches split over a
+    mesh (`parallel.batch_sharding`), the state already placed on it.
     """
     n_batches = loader.num_batches(len(stage), batch_size, drop_remainder=True)
     if n_batches == 0:
@@ -41,7 +43,13 @@ def train_epoch(
             f"Stage {stage.name!r} has {len(stage)} rows, fewer than one batch of {batch_size}."
         )
     batches = loader.device_batches(
-        stage, batch_size, shuffle=True, seed=seed, epoch=epoch, drop_remainder=True
+        stage,
+        batch_size,
+        shuffle=True,
+        seed=seed,
+        epoch=epoch,
+        drop_remainder=True,
+        sharding=sharding,
     )
     bar = tqdm(total=n_batches, desc=desc, unit="batch", disable=not progress, leave=False)
     start = time.perf_counter()
@@ -73,15 +81,24 @@ def _check_finite(value: float, desc: str, step: int) -> float:
     return value
 
 
-def predict(predict_step, params, model_state, stage: Stage, batch_size: int) -> np.ndarray:
-    """Logits of every row of `stage`, [N, K], in row order."""
+def predict(
+    predict_step, params, model_state, stage: Stage, batch_size: int, sharding=None
+) -> np.ndarray:
+    """Logits of every row of `stage`, [N, K], in row order (on every process)."""
     outs = []
-    for batch in loader.device_batches(stage, batch_size, shuffle=False, drop_remainder=False):
+    batches = loader.device_batches(
+        stage, batch_size, shuffle=False, drop_remainder=False, sharding=sharding
+    )
+    for batch in batches:
         outs.append(predict_step(params, model_state, batch["x"]))
+    if sharding is not None:  # gathered batch by batch: other hosts' rows are not addressable
+        return np.concatenate([parallel.to_host(o) for o in outs])[: len(stage)]
     return np.asarray(jnp.concatenate(outs))[: len(stage)]
 
 
-def evaluate(predict_step, params, model_state, stage: Stage, batch_size: int, tasks) -> dict:
+def evaluate(
+    predict_step, params, model_state, stage: Stage, batch_size: int, tasks, sharding=None
+) -> dict:
     """Mean and per-task AUC and LogLoss over the whole stage."""
-    logits = predict(predict_step, params, model_state, stage, batch_size)
+    logits = predict(predict_step, params, model_state, stage, batch_size, sharding)
     return metrics.multitask_metrics(np.asarray(stage.y_NxK), logits, list(tasks))

@@ -13,7 +13,7 @@ import os
 import jax
 from absl import logging
 
-from diet_jax import checkpoint
+from diet_jax import checkpoint, parallel
 from diet_jax.data.store import StageStore
 from diet_jax.io_utils import MetricsWriter
 from diet_jax.models import build_model
@@ -59,6 +59,13 @@ def train_reference(
     trainer = make_trainer(model, config.train)  # dense or row-sparse embedding updates
     params, model_state = model.init(jax.random.key(config.seed))
     state = trainer.init(params, model_state)
+    # Scale-out: batches split over the mesh's data axis, the state replicated (table row-sharded
+    # on request); checkpoints restore into the same layout, since `state` is their template.
+    mesh = parallel.mesh_from_config(config)
+    if mesh is not None:
+        shard = config.parallel.shard_embeddings
+        state = parallel.put(state, parallel.state_shardings(state, mesh, shard_embeddings=shard))
+    rows = parallel.batch_sharding(mesh)
     train_step = trainer.step
     predict_step = make_predict_step(model)
     validation = store.stages("validation")[0]
@@ -84,6 +91,7 @@ def train_reference(
                 log_every=config.train.log_every,
                 progress=config.progress,
                 log_fields={"stage": info.name},
+                sharding=rows,
             )
             seconds += stats["seconds"]
             samples += stats["samples"]
@@ -94,6 +102,7 @@ def train_reference(
                 validation,
                 config.train.eval_batch_size,
                 fmap.tasks,
+                sharding=rows,
             )
             if writer is not None:
                 writer.write(

@@ -139,10 +139,13 @@ def rowwise_adagrad(
 def make_row_optimizer(train_cfg) -> RowOptimizer:
     """The row-sparse optimizer named by `train_cfg.embedding_optimizer`."""
     name = train_cfg.embedding_optimizer
+    lr = train_cfg.adagrad_learning_rate if name == "rowwise_adagrad" else train_cfg.learning_rate
+    if not lr > 0:
+        raise ValueError(f"{name} needs a positive learning rate, got {lr}.")
     if name == "lazy_adam":
-        return lazy_adam(train_cfg.learning_rate)
+        return lazy_adam(lr)
     if name == "rowwise_adagrad":
-        return rowwise_adagrad(train_cfg.adagrad_learning_rate)
+        return rowwise_adagrad(lr)
     raise ValueError(
         f"Unsupported sparse embedding optimizer: {name!r}; available: lazy_adam, rowwise_adagrad "
         "(dense_adam is the dense optax path)."
