@@ -88,11 +88,11 @@ def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
     # DIET distillation (phase 1 boundary memory, phase 2 bi-level refinement).
     c.distill = ml_collections.ConfigDict()
     c.distill.percentile = 0.9  # phase 1: EL2N rank kept per label group ("upper-middle")
-    c.distill.outer_iterations = 8 if tiny else 40  # phase 2 iterations per stage (README)
-    c.distill.inner_steps = 4 if tiny else 20  # M: proxy SGD steps on the active memory
-    c.distill.window = 2 if tiny else 10  # W: differentiated steps (RaT-BPTT)
+    c.distill.outer_iterations = 8 if tiny else 20  # phase 2 iterations per stage (README)
+    c.distill.inner_steps = 4 if tiny else 10  # M: proxy SGD steps on the active memory
+    c.distill.window = 2 if tiny else 5  # W: differentiated steps (RaT-BPTT)
     c.distill.inner_lr = 0.05
-    c.distill.meta_lr_embed = 1e-3
+    c.distill.meta_lr_embed = 3e-2  # README: tuned on the synthetic validation day
     c.distill.meta_lr_labels = 1e-2
     c.distill.learn_labels = True  # soft labels are optimized with the embeddings
     c.distill.max_grad_norm = 1.0  # meta-gradient clipping (global norm; 0 = off)
@@ -106,7 +106,7 @@ def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
     c.distill.influence_at = "proxy"  # A(x, z) at the proxy's theta_0, or "teacher" (phi_t)
     c.distill.remat = tiny  # jax.checkpoint on the differentiated steps (compiles faster)
     c.distill.chunk_size = 256 if tiny else 8192  # rows per chunk in influence sums
-    c.distill.address_pool = 256 if tiny else 1024  # memory rows addressed per iteration; 0 = all
+    c.distill.address_pool = 256 if tiny else 512  # memory rows addressed per iteration; 0 = all
     c.distill.checkpoint_every = 0 if tiny else 10  # outer iterations between checkpoints
     c.distill.log_every = 2 if tiny else 5
 

@@ -5,7 +5,8 @@
 Deficiency(z) = sum_x A(x, z) = <grad l(z), G_syn>, with G_syn = grad sum_x l(x) one batch
 gradient over the memory (the same in every path). The real samples are then scored:
 
-  jvp     `grad_dot`: one forward-mode pass, no per-sample gradient;
+  jvp     `grad_dot`: one forward-mode pass, no per-sample gradient (in chunks of
+          --jvp_chunk rows, as is the G_syn pass);
   vmap    `per_sample_grads` (chunks of --vmap_chunk samples, materialized: B x P numbers)
           contracted with G_syn;
   ghost   the explicit double sum of eq. 16: the B x B matrix `pairwise_ghost`, summed over x
@@ -35,6 +36,7 @@ _SIZES = flags.DEFINE_list("sizes", ["1024", "4096"], "Real batch sizes (memory 
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per path (the median is printed).")
 _VMAP_CHUNK = flags.DEFINE_integer("vmap_chunk", 256, "Samples per chunk of per-sample gradients.")
 _GHOST_MAX = flags.DEFINE_integer("ghost_max", 1024, "Largest batch for the ghost double sum.")
+_JVP_CHUNK = flags.DEFINE_integer("jvp_chunk", 1024, "Rows per chunk of the G_syn pass and jvp.")
 
 
 def timed(fn, *args, repeats: int) -> tuple[float, jax.Array]:
@@ -58,13 +60,15 @@ def main(_):
     f, k, dim = fmap.num_fields, fmap.num_tasks, config.model.embed_dim
     chunk = _VMAP_CHUNK.value
 
+    jvp_chunk = _JVP_CHUNK.value or None
+
     @jax.jit
     def g_syn_pass(w, syn):
-        return influence.grad_sum(loss_fn, w, syn)
+        return influence.grad_sum(loss_fn, w, syn, chunk_size=jvp_chunk)
 
     @jax.jit
     def jvp_score(w, real, g_syn):
-        return influence.grad_dot(loss_fn, w, real, g_syn)
+        return influence.grad_dot(loss_fn, w, real, g_syn, chunk_size=jvp_chunk)
 
     @jax.jit
     def vmap_score(w, real, g_syn):

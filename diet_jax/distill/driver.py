@@ -263,7 +263,13 @@ def _report(m, k, bar, writer, log_every, log_fields, iterations) -> None:
     bar.set_postfix(meta_loss=f"{loss:.4f}")
     if writer is not None:
         scalars = {key: float(v) for key, v in m.items() if key not in ("hard_logits", "hard_y")}
-        writer.write(phase="distill", iteration=k, hard_auc=auc, **scalars, **(log_fields or {}))
+        writer.write(
+            phase="distill",
+            iteration=k,
+            hard_auc=None if math.isnan(auc) else auc,  # null: no task with both classes
+            **scalars,
+            **(log_fields or {}),
+        )
 
 
 def distill(
