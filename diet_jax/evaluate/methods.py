@@ -9,6 +9,7 @@ results.json at once, so a rerun picks up where it stopped.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -42,6 +43,15 @@ def selection_memory(method: str, config, store: StageStore, ref: ReferenceRun) 
         stage = store.stage(name)
         n = phase1.budget(len(stage), config.ratio)
         teacher = ref.stage_state(t)
+        # Rows -> (embedding, logits) pairs under this stage's teacher, as DIET's memory is built.
+        convert = functools.partial(
+            phase1.to_memory,
+            ref.model,
+            teacher.params,
+            teacher.model_state,
+            origin=t,
+            batch_size=bs,
+        )
         seed = config.seed * 1000 + t
         if method == "random":
             idx = baselines.random_rows(len(stage), n, seed)
@@ -59,14 +69,7 @@ def selection_memory(method: str, config, store: StageStore, ref: ReferenceRun) 
                         len(stage), ev.kmeans_max_rows, replace=False
                     )
                 )
-            rep = phase1.to_memory(
-                ref.model,
-                teacher.params,
-                teacher.model_state,
-                stage.x_NxF[pool],
-                origin=t,
-                batch_size=bs,
-            )
+            rep = convert(stage.x_NxF[pool])
             rep_NxD = np.asarray(rep.e_NxFxD).reshape(len(pool), -1)
             del rep
             idx = pool[
@@ -74,17 +77,7 @@ def selection_memory(method: str, config, store: StageStore, ref: ReferenceRun) 
                     rep_NxD, n, k=ev.kmeans_clusters, iters=ev.kmeans_iters, seed=seed
                 )
             ]
-        parts.append(
-            phase1.to_memory(
-                ref.model,
-                teacher.params,
-                teacher.model_state,
-                stage.x_NxF[idx],
-                origin=t,
-                rows_N=idx,
-                batch_size=bs,
-            )
-        )
+        parts.append(convert(stage.x_NxF[idx], rows_N=idx))
     return memory_lib.concat(*parts)
 
 

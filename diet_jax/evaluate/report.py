@@ -102,9 +102,11 @@ def write_report(workdir: str, res: dict) -> str:
         parts += [f"![reduced vs full]({os.path.basename(plot)})", ""]
     if res.get("timings"):
         parts += ["## Timings (seconds)", "", "| what | value |", "|---|---|"]
+        # Scalars only; per-stage details stay in results.json.
         parts += [
             f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |"
             for k, v in res["timings"].items()
+            if isinstance(v, int | float)
         ]
         parts.append("")
     path = os.path.join(workdir, "report.md")
