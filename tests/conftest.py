@@ -7,6 +7,10 @@ import jax
 
 # Four simulated CPU devices are available to tests that shard; everything else uses device 0.
 jax.config.update("jax_num_cpu_devices", 4)
+# Test shapes are tiny, so compilation dominates: trade XLA's optimisations for compile time.
+# The environment variable carries the setting into the subprocesses some tests start.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+jax.config.update("jax_disable_most_optimizations", True)
 jax.config.update(
     "jax_compilation_cache_dir",
     os.environ.get("DIET_JAX_CACHE", os.path.expanduser("~/.cache/diet_jax_jax_cache")),

@@ -49,7 +49,9 @@ def test_stage_checkpoints_restore_bit_identical_parameters(tmp_path, tiny_confi
     run = train_reference(tiny_config, tiny_store, workdir)
     final = jax.tree.map(np.asarray, run.final.params)
     assert run.restored == [] and len(run.stage_names) == 3
-    assert all(os.path.isdir(checkpoint_dir(teacher_root(tiny_config, workdir), t)) for t in (1, 2, 3))
+    assert all(
+        os.path.isdir(checkpoint_dir(teacher_root(tiny_config, workdir), t)) for t in (1, 2, 3)
+    )
     again = train_reference(tiny_config, tiny_store, workdir)
     assert again.restored == run.stage_names and again.train_seconds == 0.0
     jax.tree.map(np.testing.assert_array_equal, final, jax.tree.map(np.asarray, again.final.params))
@@ -84,7 +86,14 @@ def test_cli_overrides_and_rejects_unknown_keys(tmp_path):
     )
     assert neg.returncode != 0 and "config.train.batch_size must be positive" in neg.stderr
     ok = subprocess.run(
-        base + ["--config.train.log_every=7", "--config.data.stage_rows=1024"],
+        # Candidates are covered by the shared tiny run; one keeps this CLI check short.
+        base
+        + [
+            "--config.train.log_every=7",
+            "--config.data.stage_rows=1024",
+            "--config.evaluate.models=('dcn',)",
+            "--config.evaluate.methods=('warmup_start',)",
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -95,3 +104,7 @@ def test_cli_overrides_and_rejects_unknown_keys(tmp_path):
     assert cfg["train"]["log_every"] == 7
     res = json.load(open(tmp_path / "results.json"))
     assert res["stages"][0]["rows"] == 1024
+    assert {(r["method"], r["model"]) for r in res["results"]} == {
+        ("reference", "dcn"),
+        ("warmup_start", "dcn"),
+    }
