@@ -68,7 +68,9 @@ def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
     # ------------------------------------------------------------------ teacher
     c.teacher = ml_collections.ConfigDict()
     c.teacher.model = "dcn"  # the reference model's backbone
-    c.teacher.checkpoint_dir = ""  # "" means <workdir>/teacher; set to share one teacher across runs
+    c.teacher.checkpoint_dir = (
+        ""  # "" means <workdir>/teacher; set to share one teacher across runs
+    )
 
     # ------------------------------------------------------------------ train
     c.train = ml_collections.ConfigDict()
@@ -122,7 +124,9 @@ def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
         "el2n",
         "diet",
     )
-    c.evaluate.models = ("dcn", "wukong") if tiny else ("dcn", "dcnv2", "finalnet", "finalmlp", "wukong")
+    c.evaluate.models = (
+        ("dcn", "wukong") if tiny else ("dcn", "dcnv2", "finalnet", "finalmlp", "wukong")
+    )
     c.evaluate.max_epochs = 3 if tiny else 8  # epochs on the reduced rows; best by validation AUC
     c.evaluate.learning_rate = 3e-3 if tiny else 1e-3  # Adam on the reduced rows
     c.evaluate.rows_batch_size = 64 if tiny else 256

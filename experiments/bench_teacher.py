@@ -16,8 +16,7 @@ from ml_collections import config_flags
 
 from diet_jax.data import loader, prepare
 from diet_jax.models import build_model
-from diet_jax.train.optim import make_optimizer
-from diet_jax.train.steps import create_train_state, make_train_step
+from diet_jax.train.steps import make_trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/synthetic.py", "Config file.", lock_config=True
@@ -35,10 +34,12 @@ def main(_):
     store = prepare.prepare(config, workdir)
     stage = store.stages("historical")[0]
     model = build_model(config.model, store.feature_map, name=config.teacher.model)
-    tx = make_optimizer(config.train)
+    trainer = make_trainer(
+        model, config.train
+    )  # train.embedding_optimizer decides the table's update
     params, model_state = model.init(jax.random.key(0))
-    state = create_train_state(params, model_state, tx)
-    step = make_train_step(model, tx)
+    state = trainer.init(params, model_state)
+    step = trainer.step
     bs = config.train.batch_size
     needed = _WARMUP.value + _STEPS.value
     epochs = range(-(-needed * bs // len(stage)) + 1)
@@ -55,6 +56,7 @@ def main(_):
     jax.block_until_ready(state)
     seconds = time.perf_counter() - start
     n_params = sum(x.size for x in jax.tree.leaves(params))
+    print(f"embedding optimizer: {config.train.embedding_optimizer}")
     print(
         f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  model: {config.teacher.model}  params: {n_params:,}"
     )

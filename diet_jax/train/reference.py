@@ -123,4 +123,6 @@ def train_reference(
             )
             checkpoint.save(path, state)
         names.append(info.name)
-    return ReferenceRun(model, state, names, teacher_root(config, workdir), seconds, samples, restored)
+    return ReferenceRun(
+        model, state, names, teacher_root(config, workdir), seconds, samples, restored
+    )
