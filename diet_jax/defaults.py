@@ -6,6 +6,9 @@ and whatever differs for its dataset. `tiny=True` shrinks everything for tests (
 
 import ml_collections
 
+from diet_jax.models.factory import BACKBONES
+from diet_jax.results import CANDIDATE_METHODS
+
 
 def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -115,18 +118,8 @@ def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
     # ------------------------------------------------------------------ evaluate
     # Candidate evaluation protocol, baselines, fidelity and report.
     c.evaluate = ml_collections.ConfigDict()
-    c.evaluate.methods = (
-        "full_data",
-        "cold_start",
-        "warmup_start",
-        "random",
-        "kmeans",
-        "el2n",
-        "diet",
-    )
-    c.evaluate.models = (
-        ("dcn", "wukong") if tiny else ("dcn", "dcnv2", "finalnet", "finalmlp", "wukong")
-    )
+    c.evaluate.methods = CANDIDATE_METHODS  # all seven
+    c.evaluate.models = ("dcn", "wukong") if tiny else BACKBONES
     c.evaluate.max_epochs = 3 if tiny else 8  # epochs on the reduced rows; best by validation AUC
     c.evaluate.learning_rate = 3e-3 if tiny else 1e-3  # Adam on the reduced rows
     c.evaluate.rows_batch_size = 64 if tiny else 256

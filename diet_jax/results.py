@@ -27,6 +27,8 @@ METHODS = (
     "el2n",
     "diet",
 )
+# The methods a candidate is trained under (every method but the teacher itself).
+CANDIDATE_METHODS = tuple(m for m in METHODS if m != "reference")
 FILENAME = "results.json"
 
 

@@ -197,3 +197,19 @@ def test_candidate_inherits_teacher_embeddings_and_keeps_the_best_epoch(
         seen["embed"],
         jax.tree.map(np.asarray, ref.final.params["embed"]),
     )
+
+
+def test_unknown_method_or_model_is_rejected_before_any_training(tiny_reference, tmp_path):
+    from diet_jax.evaluate import methods
+
+    config, store, ref = tiny_reference
+    config = config.copy_and_resolve_references()  # the fixture's config is shared
+    config.evaluate.methods = ("full_data", "dieet")
+    res = {"results": [], "timings": {}}
+    with pytest.raises(ValueError, match="dieet"):
+        methods.run_all(config, store, ref, str(tmp_path), res, None)
+    config.evaluate.methods = ("full_data",)
+    config.evaluate.models = ("dcn", "wukongg")
+    with pytest.raises(ValueError, match="wukongg"):
+        methods.run_all(config, store, ref, str(tmp_path), res, None)
+    assert res["results"] == []

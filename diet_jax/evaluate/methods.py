@@ -25,7 +25,7 @@ from diet_jax.distill import phase1
 from diet_jax.distill.memory import Memory
 from diet_jax.evaluate import fidelity, protocol
 from diet_jax.io_utils import MetricsWriter
-from diet_jax.models import build_model
+from diet_jax.models import BACKBONES, build_model
 from diet_jax.train.reference import ReferenceRun
 
 SELECTIONS = ("random", "el2n", "kmeans")
@@ -93,6 +93,14 @@ def run_all(
 ) -> dict:
     """Runs config.evaluate.methods x config.evaluate.models; fills res["results"] and fidelity."""
     ev = config.evaluate
+    unknown = sorted(set(ev.methods) - set(results_lib.CANDIDATE_METHODS)) + sorted(
+        set(ev.models) - set(BACKBONES)
+    )
+    if unknown:
+        raise ValueError(
+            f"Unknown evaluate.methods / evaluate.models {unknown}; methods are "
+            f"{results_lib.CANDIDATE_METHODS}, models {BACKBONES}."
+        )
     done = {(r["method"], r["model"]) for r in res["results"]}
     todo = [(m, mo) for mo in ev.models for m in ev.methods if ev.rerun or (m, mo) not in done]
     memories: dict[str, Memory] = {}

@@ -8,8 +8,10 @@ import os
 import numpy as np
 
 from diet_jax.io_utils import atomic_write_text
+from diet_jax.models import BACKBONES
+from diet_jax.results import CANDIDATE_METHODS
 
-METHOD_ORDER = ("full_data", "cold_start", "warmup_start", "random", "kmeans", "el2n", "diet")
+METHOD_ORDER = CANDIDATE_METHODS  # Table 3's row order
 METHOD_LABELS = {
     "reference": "Reference (teacher)",
     "full_data": "Full Data",
@@ -20,7 +22,7 @@ METHOD_LABELS = {
     "el2n": "EL2N Selection",
     "diet": "DIET",
 }
-MODEL_ORDER = ("dcn", "dcnv2", "finalnet", "finalmlp", "wukong")
+MODEL_ORDER = BACKBONES
 
 
 def _fmt(x: float) -> str:
