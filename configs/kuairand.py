@@ -7,16 +7,12 @@ The files of `KuaiRand-1K/data/` go in `data.data_dir` (see README, "Real datase
 
 import ml_collections
 
+from diet_jax import config_check
 from diet_jax.defaults import base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = arg or "default"
-    if variant not in ("default", "tiny"):
-        raise ValueError(
-            f"Unknown variant {variant!r} of configs/kuairand.py; use ':tiny' or nothing."
-        )
-    tiny = variant == "tiny"
+    tiny = config_check.is_tiny(arg, "configs/kuairand.py")
     c = base_config(tiny)
     if not tiny:
         c.ratio = 0.015  # the paper's compression ratio for KuaiRand

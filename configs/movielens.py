@@ -8,16 +8,12 @@ The first run downloads the wheel (2.1 MB) with `pip download --no-deps recbole=
 
 import ml_collections
 
+from diet_jax import config_check
 from diet_jax.defaults import base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = arg or "default"
-    if variant not in ("default", "tiny"):
-        raise ValueError(
-            f"Unknown variant {variant!r} of configs/movielens.py; use ':tiny' or nothing."
-        )
-    tiny = variant == "tiny"
+    tiny = config_check.is_tiny(arg, "configs/movielens.py")
     c = base_config(tiny)
     if not tiny:
         # MovieLens is not in the paper (a proposal): a batch of 256 gives 26-94 steps per

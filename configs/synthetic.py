@@ -7,16 +7,12 @@ python -m diet_jax.main --config=configs/synthetic.py --config.train.batch_size=
 
 import ml_collections
 
+from diet_jax import config_check
 from diet_jax.defaults import base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = arg or "default"
-    if variant not in ("default", "tiny"):
-        raise ValueError(
-            f"Unknown variant {variant!r} of configs/synthetic.py; use ':tiny' or nothing."
-        )
-    tiny = variant == "tiny"
+    tiny = config_check.is_tiny(arg, "configs/synthetic.py")
     c = base_config(tiny)
 
     c.data = ml_collections.ConfigDict()

@@ -8,16 +8,12 @@ The raw file `UserBehavior.csv` goes in `data.data_dir` (see README, "Real datas
 
 import ml_collections
 
+from diet_jax import config_check
 from diet_jax.defaults import base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = arg or "default"
-    if variant not in ("default", "tiny"):
-        raise ValueError(
-            f"Unknown variant {variant!r} of configs/taobao.py; use ':tiny' or nothing."
-        )
-    tiny = variant == "tiny"
+    tiny = config_check.is_tiny(arg, "configs/taobao.py")
     c = base_config(tiny)
     if not tiny:
         c.ratio = 0.0168  # the paper's compression ratio for Taobao

@@ -8,16 +8,12 @@
 
 import ml_collections
 
+from diet_jax import config_check
 from diet_jax.defaults import base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = arg or "default"
-    if variant not in ("default", "tiny"):
-        raise ValueError(
-            f"Unknown variant {variant!r} of configs/tmall.py; use ':tiny' or nothing."
-        )
-    tiny = variant == "tiny"
+    tiny = config_check.is_tiny(arg, "configs/tmall.py")
     c = base_config(tiny)
     if not tiny:
         c.ratio = 0.0139  # the paper's compression ratio for Tmall

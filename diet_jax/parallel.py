@@ -35,6 +35,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from diet_jax.errors import ConfigError
+
 DATA = "data"  # the mesh axis that batches are split along
 
 
@@ -91,7 +93,7 @@ def maybe_initialize_distributed(config) -> bool:
         kwargs["num_processes"] = pc.num_processes
     if pc.process_id >= 0:
         if pc.num_processes > 0 and pc.process_id >= pc.num_processes:
-            raise ValueError(
+            raise ConfigError(
                 f"config.parallel.process_id ({pc.process_id}) must be below "
                 f"num_processes ({pc.num_processes})."
             )
@@ -126,12 +128,12 @@ def make_mesh(data_axis_size: int = 0) -> Mesh:
     devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     n = data_axis_size or len(devices)
     if not 1 <= n <= len(devices):
-        raise ValueError(
+        raise ConfigError(
             f"config.parallel.data_axis_size must lie in [0, {len(devices)}] (0 = every "
             f"device), got {data_axis_size}."
         )
     if n < len(devices) and jax.process_count() > 1:
-        raise ValueError(
+        raise ConfigError(
             f"On {jax.process_count()} processes the data axis must span every device "
             f"({len(devices)}), got data_axis_size={data_axis_size}."
         )
@@ -146,7 +148,7 @@ def check_divisible(batch_size: int, mesh: Mesh | None, what: str) -> None:
     """Every device must get the same number of rows of a global batch."""
     n = data_size(mesh)
     if batch_size % n:
-        raise ValueError(
+        raise ConfigError(
             f"{what} ({batch_size}) must be divisible by the data axis size ({n} devices): "
             f"pick a multiple of {n}, or set config.parallel.data_axis_size."
         )

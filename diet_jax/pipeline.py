@@ -13,7 +13,7 @@ import time
 import jax
 from absl import logging
 
-from diet_jax import parallel
+from diet_jax import config_check, parallel
 from diet_jax import results as results_lib
 from diet_jax.data import prepare
 from diet_jax.distill import driver as distill_driver
@@ -24,24 +24,9 @@ from diet_jax.train.reference import train_reference
 from diet_jax.train.steps import make_predict_step
 
 
-def check_config(config) -> None:
-    """Rejects values that would fail later with an obscure error."""
-    for key in ("batch_size", "eval_batch_size", "log_every"):
-        if config.train[key] <= 0:
-            raise ValueError(f"config.train.{key} must be positive, got {config.train[key]}.")
-    if config.train.learning_rate <= 0:
-        raise ValueError(
-            f"config.train.learning_rate must be positive, got {config.train.learning_rate}."
-        )
-    if not 0 < config.ratio <= 1:
-        raise ValueError(f"config.ratio must lie in (0, 1], got {config.ratio}.")
-    if config.model.embed_dim <= 0:
-        raise ValueError(f"config.model.embed_dim must be positive, got {config.model.embed_dim}.")
-
-
 def run(config, workdir: str) -> dict:
     """Runs every phase that exists; returns the results.json content."""
-    check_config(config)
+    config_check.validate(config)  # every name and range, before any work
     # Scale-out: multi-host initialisation first (before any JAX computation), then the mesh,
     # which checks that the batch sizes divide over the data axis before any work starts.
     parallel.maybe_initialize_distributed(config)

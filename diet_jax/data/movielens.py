@@ -27,6 +27,7 @@ import polars as pl
 
 from diet_jax.data import raw
 from diet_jax.data.store import FeatureMap
+from diet_jax.errors import DataError, MissingDataError
 
 REQUIREMENT = "recbole==1.2.1"
 WHEEL = "recbole-1.2.1-py3-none-any.whl"
@@ -91,7 +92,7 @@ def fetch_wheel(data_cfg) -> str:
             )
             got = os.path.join(tmp, data_cfg.wheel)
             if done.returncode != 0 or not os.path.isfile(got):
-                raise FileNotFoundError(
+                raise MissingDataError(
                     f"movielens: could not download {data_cfg.requirement} ({data_cfg.wheel}) "
                     f"with pip: {(done.stderr or done.stdout).strip()[-500:]}\nFetch it on a "
                     f"machine with access to PyPI (`pip download --no-deps {data_cfg.requirement}"
@@ -107,7 +108,7 @@ def _check_sha(path: str, expected: str, *, downloaded: bool) -> None:
     got = sha256(path)
     if got != expected:
         hint = "PyPI served another file" if downloaded else "delete it and rerun to download again"
-        raise ValueError(
+        raise DataError(
             f"movielens: {path} has sha256 {got}, expected {expected} "
             f"(config.data.wheel_sha256); {hint}."
         )
@@ -124,7 +125,7 @@ def build(data_cfg, root: str, *, progress: bool = True) -> FeatureMap:
         def read(suffix, columns, nullable=()):
             member = MEMBER.format(suffix)
             if member not in z.namelist():
-                raise FileNotFoundError(f"movielens: {wheel} has no member {member}.")
+                raise MissingDataError(f"movielens: {wheel} has no member {member}.")
             blocks = raw.iter_csv(
                 f"{wheel}!{member}",
                 columns,

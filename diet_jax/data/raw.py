@@ -38,6 +38,7 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from diet_jax.data.store import FeatureMap, StoreWriter
+from diet_jax.errors import DataError, MissingDataError
 
 OOV = 0
 ROLE_ORDER = ("subsequent", "validation", "test")
@@ -45,7 +46,7 @@ _INT_RE = r"^\s*[+-]?\d{1,18}\s*$"
 _FLOAT_RE = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
 
 
-class RawFormatError(ValueError):
+class RawFormatError(DataError):
     """A malformed raw file: names the file, the 1-based line and, where known, the column."""
 
     def __init__(self, path: str, line: int, column: str | None, message: str):
@@ -59,7 +60,7 @@ def require_file(data_dir: str, name: str, *, dataset: str, how_to_get: str) -> 
     folder = os.path.abspath(os.path.expanduser(data_dir or "."))
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"{dataset}: raw file {name!r} is missing (looked for {path}). {how_to_get} "
             f"Put {name!r} in {folder} (config.data.data_dir), or pass "
             f"--config.data.data_dir=<folder that holds it>."
@@ -200,7 +201,7 @@ def iter_csv(
             if bar is not None:
                 bar.update(len(head))
             if not head.strip():
-                raise RawFormatError(path, 1, None, "empty file; expected a header line.")
+                raise DataError(f"{path}: the file is empty (expected a header line).")
             text = head.decode("utf-8").rstrip("\r\n")
             names = [n.strip().strip('"') for n in text.split(separator)]
             missing = [c for c in columns if c not in names]
@@ -218,8 +219,14 @@ def iter_csv(
             names = list(columns)
         schema = {n: columns.get(n, pl.String) for n in names}
         required = [c for c in columns if c not in nullable]
+        first = True
         while True:
             block = f.read(chunk_bytes)
+            if first and not block:
+                # Said here, by name: later it would only show as stages without samples.
+                what = "a header line but no data rows" if header else "no data rows"
+                raise DataError(f"{path}: the file is empty ({what}).")
+            first = False
             if not block:
                 return
             if not block.endswith(b"\n"):
@@ -417,7 +424,7 @@ def write_store(
             rows_S[s] = n
     empty = [spans[s].name for s in range(n_stages) if rows_S[s] == 0]
     if empty:
-        raise ValueError(
+        raise DataError(
             f"{dataset}: stage(s) {empty} received no samples; check config.data.stages against "
             f"the dates in the raw files (stats: {extra.get('rows_outside_stages', '?')} rows fell "
             "outside every stage)."

@@ -57,10 +57,8 @@ HOW_TO_GET = (
 )
 
 
-def build(data_cfg, root: str, *, progress: bool = True) -> FeatureMap:
-    """Reads the two data_format1 files in `data_dir` and writes the stage store at `root`."""
-    log_path = raw.require_file(data_cfg.data_dir, LOG, dataset="tmall", how_to_get=HOW_TO_GET)
-    user_path = raw.require_file(data_cfg.data_dir, USERS, dataset="tmall", how_to_get=HOW_TO_GET)
+def stage_spans(data_cfg) -> list[raw.Span]:
+    """`data.stages`, checked: Tmall dates carry no year, so every stage lies in `data.year`."""
     spans = raw.parse_stages(data_cfg.stages)
     year = int(data_cfg.year)
     for s in spans:
@@ -69,6 +67,15 @@ def build(data_cfg, root: str, *, progress: bool = True) -> FeatureMap:
                 f"data.stages {s.name!r}: Tmall dates carry no year, so every stage must lie in "
                 f"data.year = {year}."
             )
+    return spans
+
+
+def build(data_cfg, root: str, *, progress: bool = True) -> FeatureMap:
+    """Reads the two data_format1 files in `data_dir` and writes the stage store at `root`."""
+    log_path = raw.require_file(data_cfg.data_dir, LOG, dataset="tmall", how_to_get=HOW_TO_GET)
+    user_path = raw.require_file(data_cfg.data_dir, USERS, dataset="tmall", how_to_get=HOW_TO_GET)
+    spans = stage_spans(data_cfg)
+    year = int(data_cfg.year)
     # mmdd keys compare like the dates within one year; the end of 12/31 is 1232.
     starts = [s.start.month * 100 + s.start.day for s in spans]
     ends = [1232 if s.end.year > year else s.end.month * 100 + s.end.day for s in spans]
