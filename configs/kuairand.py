@@ -22,7 +22,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.source = "kuairand"
     c.data.store_dir = ""  # where the stage store lives; "" means <workdir>/data
     c.data.data_dir = "data/raw/KuaiRand-1K/data"  # folder holding the logs and feature files
-    c.data.seed = 0  # unused: reading is deterministic
     # (name, role, first day, day after the last), by the logs' `date` column.
     c.data.stages = (
         ("stage_1", "historical", "2022-04-16", "2022-04-23"),

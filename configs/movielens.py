@@ -25,7 +25,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.source = "movielens"
     c.data.store_dir = ""  # where the stage store lives; "" means <workdir>/data
     c.data.data_dir = "~/.cache/diet_jax/recbole"  # the wheel's cache folder, outside the repo
-    c.data.seed = 0  # unused: reading is deterministic
     c.data.requirement = "recbole==1.2.1"
     c.data.wheel = "recbole-1.2.1-py3-none-any.whl"
     c.data.wheel_sha256 = "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407"

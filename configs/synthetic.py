@@ -18,7 +18,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"
     c.data.store_dir = ""  # where the stage store lives; "" means <workdir>/data
-    c.data.data_dir = ""  # raw files (real datasets only)
     c.data.seed = 0
     c.data.field_names = ("user", "item", "category", "shop", "brand", "city", "age", "device")
     c.data.vocab_sizes = (20_000, 50_000, 1_000, 5_000, 2_000, 300, 8, 4)

@@ -23,7 +23,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.source = "taobao"
     c.data.store_dir = ""  # where the stage store lives; "" means <workdir>/data
     c.data.data_dir = "data/raw/taobao"  # folder holding UserBehavior.csv
-    c.data.seed = 0  # unused: reading is deterministic
     # (name, role, first day, day after the last), days in Beijing time (UTC+8).
     c.data.stages = (
         ("stage_1", "historical", "2017-11-25", "2017-11-27"),

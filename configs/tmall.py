@@ -23,7 +23,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.source = "tmall"
     c.data.store_dir = ""  # where the stage store lives; "" means <workdir>/data
     c.data.data_dir = "data/raw/tmall"  # folder holding the data_format1 files
-    c.data.seed = 0  # unused: reading is deterministic
     c.data.year = 2014  # the files' mmdd dates carry no year; it only sets the weekday field
     # (name, role, first day, day after the last). The public log starts on 05/11, so stage_1
     # holds 05/11-05/31.

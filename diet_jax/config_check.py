@@ -14,8 +14,13 @@ dataset (the models).
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import re
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
+
+import ml_collections
 
 from diet_jax import results
 from diet_jax.data import prepare, raw, synthetic, tmall
@@ -239,14 +244,80 @@ CHECKS: tuple[Callable, ...] = (
 )
 
 
+_checking = [0]  # > 0 while validate runs: its reads are not uses (see track_reads)
+
+
 def validate(config) -> None:
     """Raises ConfigError naming the first bad key of `config`; reads no data, starts no work."""
-    for check in CHECKS:
-        try:
-            check(config)
-        except ConfigError:
-            raise
-        except (ValueError, TypeError) as e:
-            raise ConfigError(one_line(e)) from e
-        except (KeyError, AttributeError) as e:
-            raise ConfigError(f"config is missing a key: {one_line(e)}") from e
+    _checking[0] += 1
+    try:
+        for check in CHECKS:
+            try:
+                check(config)
+            except ConfigError:
+                raise
+            except (ValueError, TypeError) as e:
+                raise ConfigError(one_line(e)) from e
+            except (KeyError, AttributeError) as e:
+                raise ConfigError(f"config is missing a key: {one_line(e)}") from e
+    finally:
+        _checking[0] -= 1
+
+
+# ------------------------------------------------------------------ which keys a run reads
+
+
+def leaves(config, prefix: str = "") -> list[str]:
+    """The dotted path of every key of `config` whose value is not a section."""
+    out = []
+    for key in config.keys():
+        value = config[key]
+        if isinstance(value, ml_collections.ConfigDict):
+            out += leaves(value, f"{prefix}{key}.")
+        else:
+            out.append(prefix + key)
+    return out
+
+
+@contextlib.contextmanager
+def track_reads(config) -> Iterator[set[str]]:
+    """Collects the dotted path of every key of `config` that code reads inside the block.
+
+    `config.a.b`, `config["a"]["b"]` and `config.get("b")` count; ConfigDict's own traversals
+    (to_dict, to_json, items, repr, ==) do not, since writing config.json touches every key and
+    uses none, and neither do the reads of `validate` (checking a key is not using it). Copies
+    of `config` are not tracked. Tests use it to find keys that nothing reads.
+    """
+    prefix_of: dict[int, str] = {}
+
+    def walk(node, prefix):
+        prefix_of[id(node)] = prefix
+        for key in node.keys():
+            if isinstance(node[key], ml_collections.ConfigDict):
+                walk(node[key], f"{prefix}{key}.")
+
+    walk(config, "")
+    reads: set[str] = set()
+    cls = ml_collections.ConfigDict
+    original = cls.__getitem__
+    own_file = inspect.getsourcefile(cls)
+    passthrough = {"__getattr__", "__getitem__", "get"}
+
+    def getitem(self, key):
+        value = original(self, key)
+        prefix = prefix_of.get(id(self))
+        if prefix is not None and not _checking[0] and isinstance(key, str) and "." not in key:
+            frame = sys._getframe(1)
+            while frame is not None and (
+                frame.f_code.co_filename == own_file and frame.f_code.co_name in passthrough
+            ):
+                frame = frame.f_back
+            if frame is not None and frame.f_code.co_filename != own_file:
+                reads.add(prefix + key)
+        return value
+
+    cls.__getitem__ = getitem
+    try:
+        yield reads
+    finally:
+        cls.__getitem__ = original

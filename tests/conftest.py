@@ -52,11 +52,18 @@ def tiny_store(tmp_path_factory):
     return StageStore(root)
 
 
+# The config keys that the shared tiny run read (tests/test_config.py checks that none is unused).
+TINY_RUN_READS: set[str] = set()
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """One full `pipeline.run` of the tiny config, shared by the tests that read its artifacts."""
-    from diet_jax import pipeline
+    from diet_jax import config_check, pipeline
 
     workdir = str(tmp_path_factory.mktemp("run"))
-    res = pipeline.run(load_config("synthetic", "tiny"), workdir)
+    config = load_config("synthetic", "tiny")
+    with config_check.track_reads(config) as reads:
+        res = pipeline.run(config, workdir)
+    TINY_RUN_READS.update(reads)
     return workdir, res
