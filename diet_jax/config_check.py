@@ -27,9 +27,9 @@ from diet_jax.data import prepare, raw, synthetic, tmall
 from diet_jax.distill import driver
 from diet_jax.errors import ConfigError, one_line
 from diet_jax.models import BACKBONES, dcnv2, finalnet, layers
+from diet_jax.train.sparse import EMBEDDING_OPTIMIZERS
 
-OPTIMIZERS = ("adam", "sgd")
-EMBEDDING_OPTIMIZERS = ("dense_adam", "lazy_adam", "rowwise_adagrad")
+OPTIMIZERS = ("adam", "sgd")  # train/optim.py's make_optimizer
 
 
 # ------------------------------------------------------------------ helpers

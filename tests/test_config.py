@@ -228,3 +228,21 @@ def test_header_only_raw_file_is_named_empty(tmp_path):
     path.write_text("")
     with pytest.raises(DataError, match="empty .expected a header line"):
         list(raw.iter_csv(str(path), columns, header=True))
+
+
+def test_checked_optimizer_names_are_the_ones_the_factories_build(tiny_config):
+    """config_check lists the names; the factories in train/ must accept exactly those."""
+    from diet_jax.train import optim, sparse
+
+    t = tiny_config.train
+    for name in config_check.OPTIMIZERS:
+        t.optimizer = name
+        optim.make_optimizer(t)
+    for name in set(config_check.EMBEDDING_OPTIMIZERS) - {"dense_adam"}:  # dense: optax path
+        t.embedding_optimizer = name
+        sparse.make_row_optimizer(t)
+    t.optimizer, t.embedding_optimizer = "adamw", "adamw"
+    with pytest.raises(ValueError):
+        optim.make_optimizer(t)
+    with pytest.raises(ValueError):
+        sparse.make_row_optimizer(t)

@@ -148,7 +148,7 @@ def test_epoch_seconds_uses_the_local_midnight():
 def test_configs_have_the_papers_batch_sizes_ratios_and_stages(name, batch, ratio):
     c = load_config(name, None)
     assert c.train.batch_size == batch and c.ratio == pytest.approx(ratio)
-    assert c.data.source == name and c.data.store_dir == "" and c.data.seed == 0
+    assert c.data.source == name and c.data.store_dir == "" and "seed" not in c.data
     spans = _spans(c)
     assert sum(s.role == "historical" for s in spans) == (2 if name == "kuairand" else 3)
     tiny = load_config(name, "tiny")
