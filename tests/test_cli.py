@@ -44,6 +44,13 @@ def test_unknown_key_says_did_you_mean_on_one_line(tmp_path):
     assert "\\n" not in line and not workdir.exists()
 
 
+def test_value_that_does_not_parse(tmp_path):
+    done, workdir = _run(tmp_path, "--config.train.batch_size=abc")
+    line = _one_line_error(done)
+    assert "--config.train.batch_size=abc: invalid literal for int()" in line
+    assert not workdir.exists()
+
+
 def test_bad_model_name_fails_before_any_work(tmp_path):
     done, workdir = _run(tmp_path, "--config.evaluate.models=('dcn','resnet')")
     line = _one_line_error(done)
