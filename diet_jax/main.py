@@ -77,9 +77,9 @@ def _unknown_key_message(err: LookupError | AttributeError, argv: list[str]) -> 
             for a in argv
             if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")
         ),
-        f"--config...{key}",
+        "--config",
     )
-    return f"{flag}: no such config key {key!r}." + (f" {one_line(KeyError(hint))}" if hint else "")
+    return f"{flag}: no such config key {key!r}." + (f" {' '.join(hint.split())}" if hint else "")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
