@@ -16,7 +16,10 @@ from diet_jax.errors import ConfigError, DataError, MissingDataError, UserError
 from diet_jax.models import BACKBONES, build_model
 from diet_jax.models.factory import build_backbone
 
-CONFIGS = ("synthetic", "taobao", "tmall", "kuairand", "movielens")
+# Every config file, so that configs added later are checked too.
+CONFIGS = tuple(
+    sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
+)
 VARIANTS = (None, "tiny")
 
 
@@ -246,3 +249,7 @@ def test_checked_optimizer_names_are_the_ones_the_factories_build(tiny_config):
         optim.make_optimizer(t)
     with pytest.raises(ValueError):
         sparse.make_row_optimizer(t)
+
+
+def test_raw_file_sources_have_readers():
+    assert set(config_check.RAW_FILE_SOURCES) <= set(prepare._READERS)
