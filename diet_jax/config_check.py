@@ -151,6 +151,7 @@ def check_model(c) -> None:
 
 def check_teacher(c) -> None:
     one_of(c, "teacher.model", BACKBONES)
+    one_of(c, "model.name", BACKBONES)
 
 
 def check_train(c) -> None:

@@ -19,6 +19,7 @@ def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
 
     # ------------------------------------------------------------------ model
     c.model = ml_collections.ConfigDict()
+    c.model.name = "dcn"  # build_model's default backbone; the pipeline uses evaluate.models
     c.model.embed_dim = 8 if tiny else 32
     c.model.mmoe = ml_collections.ConfigDict()
     c.model.mmoe.num_experts = 2 if tiny else 4

@@ -4,6 +4,7 @@ import ast
 import functools
 import glob
 import os
+import types
 
 import numpy as np
 import pytest
@@ -71,7 +72,8 @@ def test_track_reads_counts_code_not_serialisation(tiny_config):
 
 
 # Keys that the tracked runs below cannot read, each with the setting that would read it.
-NOT_READ_ON_ONE_CPU = {
+NOT_READ_BY_THESE_RUNS = {
+    "model.name": "the default backbone of diet_jax.candidate; pipeline.run names its own",
     "parallel.shard_embeddings": "read by a candidate's training when parallel.enabled",
     "parallel.coordinator_address": "read by jax.distributed setup (parallel.distributed)",
     "parallel.num_processes": "read by jax.distributed setup (parallel.distributed)",
@@ -91,8 +93,8 @@ def test_tiny_run_reads_every_synthetic_key(tiny_run, tiny_config):
             tiny_config.parallel.enabled = True
         parallel.mesh_from_config(tiny_config)
     keys = set(config_check.leaves(tiny_config))
-    assert set(NOT_READ_ON_ONE_CPU) <= keys
-    unread = keys - TINY_RUN_READS - reads - set(NOT_READ_ON_ONE_CPU)
+    assert set(NOT_READ_BY_THESE_RUNS) <= keys
+    unread = keys - TINY_RUN_READS - reads - set(NOT_READ_BY_THESE_RUNS)
     assert not sorted(unread)
 
 
@@ -122,11 +124,14 @@ def test_each_reader_reads_its_data_keys(tmp_path):
         assert not sorted(unread), name
 
 
-def test_model_name_is_gone():
-    """Candidates come from evaluate.models, the reference from teacher.model (issue 16)."""
-    assert "name" not in load_config("synthetic", "tiny").model
+def test_model_name_is_the_default_backbone_of_build_model(tiny_config):
+    """Not the pipeline's: its candidates come from evaluate.models (issue 16)."""
+    fmap = types.SimpleNamespace(vocab_sizes=(5, 5), num_tasks=3)
+    with tiny_config.unlocked():
+        tiny_config.model.name = "wukong"
+    assert build_model(tiny_config.model, fmap).name == "wukong"
     with pytest.raises(ValueError, match="Unsupported backbone"):
-        build_backbone("resnet", load_config("synthetic", "tiny").model)
+        build_backbone("resnet", tiny_config.model)
 
 
 # ------------------------------------------------------------------ validate
@@ -143,6 +148,7 @@ BAD = [
     ("synthetic", "evaluate.models", ("dcn", "dcn"), "evaluate.models repeats"),
     ("synthetic", "evaluate.methods", ("diet", "dietx"), "evaluate.methods .*'dietx'"),
     ("synthetic", "teacher.model", "resnet", "teacher.model must be one of"),
+    ("synthetic", "model.name", "resnet", "model.name must be one of"),
     ("synthetic", "train.optimizer", "adamw", "train.optimizer must be one of"),
     ("synthetic", "train.embedding_optimizer", "sgd", "train.embedding_optimizer"),
     ("synthetic", "train.batch_size", 0, "train.batch_size must be positive"),

@@ -163,12 +163,9 @@ def build_backbone(name: str, model_cfg) -> nn.Module:
     raise ValueError(f"Unsupported backbone: {name!r}; available: {', '.join(BACKBONES)}.")
 
 
-def build_model(model_cfg, feature_map, name: str = "dcn") -> RecModel:
-    """Embedding + backbone `name` (one of BACKBONES) + the shared MMoE head.
-
-    Callers name the backbone (`teacher.model`, an entry of `evaluate.models`); the config has
-    no default backbone of its own.
-    """
+def build_model(model_cfg, feature_map, name: str | None = None) -> RecModel:
+    """Embedding + backbone `name` (default `model_cfg.name`) + the shared MMoE head."""
+    name = name or model_cfg.name
     h = model_cfg.mmoe
     head = MMoEHead(
         num_tasks=feature_map.num_tasks,
