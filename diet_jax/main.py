@@ -118,7 +118,7 @@ def _config():
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
+        _fail(f"unexpected arguments {argv[1:]}; every setting is a flag (--config.<key>=...)")
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
     # Compiled steps are cached on disk, so a rerun (or a resumed run) skips most compilation.
