@@ -5,12 +5,14 @@ Kept thin on purpose: flags and config here, the pipeline in `diet_jax.pipeline`
 
 import logging as std_logging
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diet_jax import pipeline
+from diet_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -38,7 +40,11 @@ def main(argv):
     # Compiled steps are cached on disk, so a rerun (or a resumed run) skips most compilation.
     cache = os.environ.get("DIET_JAX_CACHE", os.path.expanduser("~/.cache/diet_jax_jax_cache"))
     jax.config.update("jax_compilation_cache_dir", cache)
-    pipeline.run(_CONFIG.value, _WORKDIR.value)
+    try:
+        pipeline.run(_CONFIG.value, _WORKDIR.value)
+    except UserError as e:  # the user's to fix: the message alone, exit status 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
