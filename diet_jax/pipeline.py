@@ -155,10 +155,12 @@ def _run(config, workdir: str, is_main: bool) -> dict:
         def save(r):
             _stamp_results(r, records)
             if is_main:
+                _stamp_selections(workdir, records)  # written before the first candidate
                 results_lib.save(workdir, r)
 
         methods.run_all(config, store, ref, workdir, res, diet_memory, writer, save=save)
-        _stamp_selections(workdir, records)
+        if is_main:
+            _stamp_selections(workdir, records)
     _stamp_results(res, records)
 
     timings["total_seconds"] = time.perf_counter() - t_start

@@ -116,7 +116,7 @@ def plan(n: int, durations: dict[str, float], rng: random.Random) -> list[tuple[
         counts[p] += 1
     out = []
     for p in phases:
-        delays = sorted(rng.uniform(0.05, 0.95) * durations[p] for _ in range(counts[p]))
+        delays = sorted(rng.uniform(0.05, 0.7) * durations[p] for _ in range(counts[p]))
         out += [(p, d) for d in delays]
     return out
 

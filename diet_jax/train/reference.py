@@ -61,7 +61,8 @@ def teacher_fingerprint(config, store_fp: str | None) -> dict:
         config,
         "teacher",
         {"store": store_fp},
-        exclude=fp_lib.other_backbones(config.teacher.model),
+        # The evaluation batch only sizes the teacher's validation passes.
+        exclude=fp_lib.other_backbones(config.teacher.model) + ("train.eval_batch_size",),
     )
 
 
