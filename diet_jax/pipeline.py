@@ -207,7 +207,7 @@ def _records(config, store) -> dict:
         out[("selection", method)] = fp_lib.fingerprint(
             config, "selection", {"teacher": teacher["fingerprint"], "method": method}
         )
-    for model in BACKBONES:
+    for model in dict.fromkeys((*BACKBONES, *config.evaluate.models)):
         for method in results_lib.CANDIDATE_METHODS:
             inputs = {"store": store_fp, "method": method}
             if method not in ("full_data", "cold_start"):

@@ -216,6 +216,53 @@ def test_injected_nan_stops_the_teacher_and_keeps_the_last_checkpoint(tiny_store
     assert again.restored == ["stage_1"]
 
 
+def _fake_outer_step(state, batch, ctx):
+    """Stands in for the bi-level step (whose compilation costs a minute here): the memory
+    moves by 1 per iteration; the metrics have the real step's keys."""
+    del ctx
+    new = state.replace(step=state.step + 1, syn=jax.tree.map(lambda a: a + 1.0, state.syn))
+    y = batch["y"].astype(jnp.float32)
+    return new, {"meta_loss": jnp.mean(y), "grad_norm": jnp.ones(()), "hard_logits": y, "hard_y": y}
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip_batch"])
+def test_injected_nan_in_distillation(tiny_store, tmp_path, policy):
+    import optax
+
+    from diet_jax.distill import bilevel, driver
+    from diet_jax.distill import memory as memory_lib
+
+    memory = memory_lib.new(np.zeros((8, 8, 4), np.float32), np.zeros((8, 3), np.float32), 1)
+    tx = optax.sgd(0.1)
+    step = driver._guarded(jax.jit(_fake_outer_step), policy, inject_nan=3)
+    kwargs = dict(
+        iterations=5,
+        batch_size=256,
+        seed=0,
+        ckpt_dir=str(tmp_path / "ckpt"),
+        checkpoint_every=2,
+        log_every=1,
+        progress=False,
+        log_fields={"stage": "stage_1"},
+        last_good=str(tmp_path / "init"),
+    )
+    stage = tiny_store.stage("stage_1")
+    state0 = bilevel.init_state(memory, tx, seed=0)
+    if policy == "stop":
+        with pytest.raises(loop.NonFiniteError) as e:
+            driver.refine(step, state0, stage, {}, **kwargs)
+        kept = str(tmp_path / "ckpt" / "step_000002")
+        assert (
+            f"phase distill, stage stage_1, step 3: the phase stopped. Last good checkpoint "
+            f"(kept): {kept}" in str(e.value)
+        )
+        assert os.listdir(tmp_path / "ckpt") == ["step_000002"]  # no checkpoint after the NaN
+    else:
+        state, stats = driver.refine(step, state0, stage, {}, **kwargs)
+        assert stats["skipped"] == 1 and int(state.step) == 5
+        np.testing.assert_array_equal(state.syn["e"], 4.0)  # five iterations, one skipped
+
+
 # ------------------------------------------------------------------ broken storage
 def test_truncated_checkpoint_is_detected_and_recomputed(tiny_run, tmp_path, caplog):
     workdir = _copy(tiny_run, tmp_path)

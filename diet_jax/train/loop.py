@@ -96,7 +96,7 @@ def train_epoch(
     Metrics are read one step behind the dispatch, so the host never waits on the device inside
     the loop except to print. The step's non-finite flags are collected on the device and read
     at every logging interval: under train.nan_policy = "stop" a NaN/Inf loss or gradient norm
-    raises NonFiniteError naming `phase` (default `desc`), the stage, the step and
+    raises NonFiniteError naming `phase` (default "training (<desc>)"), the stage, the step and
     `last_checkpoint`. `sharding`: batches split over a mesh (`parallel.batch_sharding`), the
     state already placed on it.
     """
@@ -114,7 +114,7 @@ def train_epoch(
         drop_remainder=True,
         sharding=sharding,
     )
-    tracker = NonFiniteTracker(phase or desc, stage.name, last_checkpoint)
+    tracker = NonFiniteTracker(phase or f"training ({desc})", stage.name, last_checkpoint)
     bar = tqdm(total=n_batches, desc=desc, unit="batch", disable=not progress, leave=False)
     start = time.perf_counter()
     pending, last_loss = None, float("nan")
