@@ -127,14 +127,16 @@ def _run(config, workdir: str, is_main: bool) -> dict:
         writer.write(phase="reference_eval", split=role, auc=m["auc"], logloss=m["logloss"])
         logging.info("reference on %s: AUC %.4f LogLoss %.4f", role, m["auc"], m["logloss"])
         if role == "test":
-            e = results_lib.entry(
-                "reference",
-                config.teacher.model,
-                m,
-                timings.get("teacher_train_seconds", 0.0),
-                ref.train_samples,
+            results_lib.upsert(
+                res,
+                results_lib.entry(
+                    "reference",
+                    config.teacher.model,
+                    m,
+                    timings.get("teacher_train_seconds", 0.0),
+                    ref.train_samples,
+                ),
             )
-            results_lib.upsert(res, e)
         else:
             res["reference_validation"] = m
 
