@@ -36,18 +36,23 @@ def _read(path: str) -> dict:
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError):
-        return {}  # half-written by a run killed while taking it: treated as stale below
+        return {}  # unreadable (not written by this module): treated as stale below
 
 
 def _create(path: str, owner: dict) -> bool:
-    """Creates the lock file atomically (O_EXCL); False if one exists."""
+    """Creates the lock file with its content in one step (a hard link of a finished temporary
+    file, which fails if the lock exists): no reader ever sees an empty lock. False if one
+    exists."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(owner, f)
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        os.link(tmp, path)
+        return True
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as f:
-        json.dump(owner, f)
-    return True
+    finally:
+        os.remove(tmp)
 
 
 def acquire(workdir: str) -> str:
