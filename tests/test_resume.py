@@ -245,6 +245,7 @@ def test_injected_nan_in_distillation(tiny_store, tmp_path, policy):
         progress=False,
         log_fields={"stage": "stage_1"},
         last_good=str(tmp_path / "init"),
+        record={"fingerprint": "fp", "keys": {}, "inputs": {}},
     )
     stage = tiny_store.stage("stage_1")
     state0 = bilevel.init_state(memory, tx, seed=0)
@@ -256,7 +257,9 @@ def test_injected_nan_in_distillation(tiny_store, tmp_path, policy):
             f"phase distill, stage stage_1, step 3: the phase stopped. Last good checkpoint "
             f"(kept): {kept}" in str(e.value)
         )
-        assert os.listdir(tmp_path / "ckpt") == ["step_000002"]  # no checkpoint after the NaN
+        # The last good checkpoint is kept, stamped; none after the NaN.
+        assert sorted(os.listdir(tmp_path / "ckpt")) == ["step_000002", "step_000002.stamp.json"]
+        assert checkpoint.read_stamp(kept)["fingerprint"] == "fp"
     else:
         state, stats = driver.refine(step, state0, stage, {}, **kwargs)
         assert stats["skipped"] == 1 and int(state.step) == 5

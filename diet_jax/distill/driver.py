@@ -221,7 +221,8 @@ def _as_tree(state: bilevel.DistillState) -> dict:
 def _step_dirs(ckpt_dir: str) -> list[str]:
     if not os.path.isdir(ckpt_dir):
         return []
-    return sorted(os.path.join(ckpt_dir, d) for d in os.listdir(ckpt_dir) if d.startswith("step_"))
+    paths = (os.path.join(ckpt_dir, d) for d in os.listdir(ckpt_dir) if d.startswith("step_"))
+    return sorted(p for p in paths if os.path.isdir(p))  # the folders, not their stamps
 
 
 def _step_dir(ckpt_dir: str, k: int) -> str:
