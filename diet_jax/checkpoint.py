@@ -13,6 +13,7 @@ stamp, which the next run recomputes instead of trusting.
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import shutil
@@ -40,9 +41,16 @@ def save(path: str, tree, record: dict | None = None) -> None:
     unstamp(path)
     _remove_orbax_leftovers(path)
     tree = parallel.globalize(tree)  # multi-host: every process saves its shards together
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path, tree, force=True)
-        ckptr.wait_until_finished()
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(path, tree, force=True)
+            ckptr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - Orbax reports storage errors as ValueError text
+        _remove_orbax_leftovers(path)
+        storage = _storage_errno(str(e))
+        if storage is None:
+            raise
+        raise OSError(storage, os.strerror(storage), path) from e
     if record is not None and parallel.is_main_process():
         stamp(path, record)
 
@@ -52,6 +60,22 @@ def restore(path: str, like):
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, parallel.globalize(like))
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(os.path.abspath(path), abstract)
+
+
+_STORAGE_MESSAGES = {
+    "No space left on device": errno.ENOSPC,
+    "Disk quota exceeded": errno.EDQUOT,
+    "Read-only file system": errno.EROFS,
+    "Permission denied": errno.EACCES,
+}
+
+
+def _storage_errno(message: str) -> int | None:
+    """The errno of a storage error that Orbax (TensorStore) reports only as text."""
+    for text, code in _STORAGE_MESSAGES.items():
+        if text in message:
+            return code
+    return None
 
 
 def _remove_orbax_leftovers(path: str) -> None:

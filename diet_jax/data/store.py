@@ -16,6 +16,7 @@ pipeline stamps a finished store (`<root>.stamp.json`: its fingerprint and file 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import shutil
 from typing import Any
@@ -200,12 +201,13 @@ class StoreWriter:
         os.makedirs(d)
         shapes = {"x": (np.int32, len(self.fields)), "y": (np.uint8, len(self.tasks))}
         shapes.update(extra_columns or {})
-        arrays = {
-            key: np.lib.format.open_memmap(
-                os.path.join(d, f"{key}.npy"), mode="w+", dtype=dtype, shape=(rows, width)
+        arrays = {}
+        for key, (dtype, width) in shapes.items():
+            path = os.path.join(d, f"{key}.npy")
+            arrays[key] = np.lib.format.open_memmap(
+                path, mode="w+", dtype=dtype, shape=(rows, width)
             )
-            for key, (dtype, width) in shapes.items()
-        }
+            _reserve(path)
         self._stages.append(StageInfo(name=name, role=role, rows=int(rows)))
         return arrays
 
@@ -224,6 +226,19 @@ class StoreWriter:
             shutil.rmtree(self.root)
         os.replace(self.tmp, self.root)
         return fmap
+
+
+def _reserve(path: str) -> None:
+    """Allocates a memmap's file on disk now: on a full disk, writes through the map would
+    kill the process with SIGBUS; here they raise ENOSPC naming the file."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.path.getsize(path))
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem without fallocate
+            raise OSError(e.errno, os.strerror(e.errno), path) from e
+    finally:
+        os.close(fd)
 
 
 def _remove_stale_tmp(root: str) -> None:
