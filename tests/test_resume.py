@@ -166,6 +166,10 @@ def test_storage_errors_stop_naming_the_path(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"Cannot write .*/results.json: No space left"):
         pipeline.run(load_config(), str(tmp_path))
     assert not os.path.exists(tmp_path / lock.FILENAME)  # the lock is released
+    # Orbax (TensorStore) reports a full disk only as text: recognised, raised as ENOSPC.
+    message = 'RESOURCE_EXHAUSTED: Error writing local file "x": No space left on device'
+    assert checkpoint._storage_errno(message) == errno.ENOSPC
+    assert checkpoint._storage_errno("shape mismatch") is None
 
 
 # ------------------------------------------------------------------ non-finite values
