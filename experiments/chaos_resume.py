@@ -8,9 +8,11 @@ moments in every phase, resume each time, and compare the end with an uninterrup
 1. The reference: an uninterrupted run (or `--reference`, a finished workdir of the same
    config), timed phase by phase from its "phase: <name>" log lines.
 2. N kills, spread over the phases (data, teacher, distill, candidates) in proportion to their
-   reference durations, at least one per phase when N >= 4; kill i waits for its phase's log
-   line in the current attempt, then a random fraction of that phase's reference duration,
-   then SIGKILLs the process. The next attempt resumes in the same workdir.
+   reference durations, at least one per phase when N >= 4. The kills of a phase target random
+   points of its reference duration; since an attempt resumes a phase about where the last
+   kill left it, kill i waits for its phase's log line in the current attempt, then the gap
+   from the previous target, then SIGKILLs the process. The next attempt resumes in the same
+   workdir.
 3. A last attempt runs to the end. Its results.json (method, model, AUC, LogLoss; timings are
    not compared) and the distilled memory D_syn^T (SHA-256 of its arrays) are compared with the
    reference's, exactly.
@@ -116,8 +118,12 @@ def plan(n: int, durations: dict[str, float], rng: random.Random) -> list[tuple[
         counts[p] += 1
     out = []
     for p in phases:
-        delays = sorted(rng.uniform(0.05, 0.7) * durations[p] for _ in range(counts[p]))
-        out += [(p, d) for d in delays]
+        # Targets spread over the phase's work; an attempt resumes the phase about where the
+        # last kill left it (finished stages and candidates are kept), so each kill waits for
+        # the gap to the previous target, not the whole offset.
+        targets = sorted(rng.uniform(0.02, 0.9) * durations[p] for _ in range(counts[p]))
+        gaps = [t - s for s, t in zip([0.0, *targets], targets, strict=False)]
+        out += [(p, max(g, 0.2)) for g in gaps]
     return out
 
 
@@ -189,7 +195,9 @@ def main() -> int:
             a.finish()
             landed[where] = landed.get(where, 0) + 1
             outcomes.append("killed")
-            print(f"kill {i + 1}: in phase {where}, {delay:.1f}s after its start (planned {phase})")
+            print(
+                f"kill {i + 1}: in phase {where}, {delay:.1f}s after its start (planned: {phase})"
+            )
         else:
             rc = a.finish()
             outcomes.append("finished" if rc == 0 else "failed")
