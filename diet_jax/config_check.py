@@ -27,6 +27,7 @@ from diet_jax.data import prepare, raw, synthetic, tmall
 from diet_jax.distill import driver
 from diet_jax.errors import ConfigError, one_line
 from diet_jax.models import BACKBONES, dcnv2, finalnet, layers
+from diet_jax.train import steps
 from diet_jax.train.sparse import EMBEDDING_OPTIMIZERS
 
 OPTIMIZERS = ("adam", "sgd")  # train/optim.py's make_optimizer
@@ -160,6 +161,7 @@ def check_train(c) -> None:
     positive(c, "train.learning_rate", "train.adagrad_learning_rate")
     positive(c, "train.batch_size", "train.eval_batch_size", "train.log_every")
     non_negative(c, "train.max_grad_norm")
+    steps.check_nan_policy(c.train)
 
 
 def check_distill(c) -> None:

@@ -88,6 +88,11 @@ def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
     # fastest and matched dense Adam's test AUC (README "Sparse embedding updates").
     c.train.embedding_optimizer = "rowwise_adagrad"
     c.train.adagrad_learning_rate = 0.03  # rowwise_adagrad's step size for the table
+    # A NaN/Inf loss or gradient norm (teacher, candidate fine-tune, distillation): "stop" ends
+    # the phase naming the last good checkpoint; "skip_batch" leaves the state unchanged for
+    # that step (docs/resuming.md). inject_nan: test switch, "<phase>:<step>" ("" = off).
+    c.train.nan_policy = "stop"
+    c.train.inject_nan = ""
 
     # ------------------------------------------------------------------ distill
     # DIET distillation (phase 1 boundary memory, phase 2 bi-level refinement).

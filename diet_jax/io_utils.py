@@ -49,9 +49,35 @@ class MetricsWriter:
         self.enabled = enabled
         if enabled:
             os.makedirs(workdir, exist_ok=True)
+            _drop_partial_line(self.path)
 
     def write(self, **record: Any) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record, default=_to_builtin) + "\n")
+
+
+def _drop_partial_line(path: str) -> None:
+    """Cuts a last line that a killed run left unfinished, so that every line parses."""
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return
+            pos = size - 1
+            while pos > 0:  # back to the last newline
+                step = min(pos, 1 << 16)
+                f.seek(pos - step)
+                chunk = f.read(step)
+                nl = chunk.rfind(b"\n")
+                if nl >= 0:
+                    f.truncate(pos - step + nl + 1)
+                    return
+                pos -= step
+            f.truncate(0)
+    except FileNotFoundError:
+        pass

@@ -8,12 +8,15 @@ Layout under `root`:
     stages/<name>/<extra>.npy   optional extra columns (the synthetic stream's true probabilities)
 
 A store is built in `<root>.tmp-<pid>` and renamed to `root` only when complete, so an
-interrupted preparation never leaves a half-written store where a reader would find it.
+interrupted preparation never leaves a half-written store where a reader would find it. The
+pipeline stamps a finished store (`<root>.stamp.json`: its fingerprint and file sizes, see
+`checkpoint.py`); `StageStore.fingerprint` reads it back (None for an unstamped store).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import shutil
 from typing import Any
@@ -103,7 +106,11 @@ class StageStore:
         if not os.path.exists(path):
             raise FileNotFoundError(f"No stage store at {root!r}: {FEATURE_MAP} is missing.")
         self.root = root
-        self.feature_map = FeatureMap.from_json(read_json(path))
+        try:
+            self.feature_map = FeatureMap.from_json(read_json(path))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptStoreError(f"The stage store's {path} cannot be read: {e}.") from e
+        self.fingerprint = _stamped_fingerprint(root)
 
     @staticmethod
     def exists(root: str) -> bool:
@@ -115,19 +122,41 @@ class StageStore:
             raise KeyError(f"No stage {name!r} in {self.root}; stages are {sorted(infos)}.")
         d = os.path.join(self.root, "stages", name)
         extra = {
-            f[:-4]: np.load(os.path.join(d, f), mmap_mode="r")
+            f[:-4]: _load_column(os.path.join(d, f), infos[name].rows)
             for f in sorted(os.listdir(d))
             if f.endswith(".npy") and f not in ("x.npy", "y.npy")
         }
         return Stage(
             info=infos[name],
-            x_NxF=np.load(os.path.join(d, "x.npy"), mmap_mode="r"),
-            y_NxK=np.load(os.path.join(d, "y.npy"), mmap_mode="r"),
+            x_NxF=_load_column(os.path.join(d, "x.npy"), infos[name].rows),
+            y_NxK=_load_column(os.path.join(d, "y.npy"), infos[name].rows),
             extra=extra,
         )
 
     def stages(self, role: str) -> list[Stage]:
         return [self.stage(s.name) for s in self.feature_map.stages_with_role(role)]
+
+
+class CorruptStoreError(ValueError):
+    """A store file that is missing, truncated or unreadable (named in the message)."""
+
+
+def _load_column(path: str, rows: int) -> np.ndarray:
+    """A memory-mapped column, checked against the feature map's row count."""
+    try:
+        a = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:  # missing, truncated (mmap past the end), bad header
+        raise CorruptStoreError(f"Stage store file {path} is damaged or missing: {e}.") from e
+    if a.shape[0] != rows:
+        raise CorruptStoreError(f"Stage store file {path} has {a.shape[0]} rows, {rows} expected.")
+    return a
+
+
+def _stamped_fingerprint(root: str) -> str | None:
+    try:
+        return read_json(os.path.abspath(root).rstrip(os.sep) + ".stamp.json").get("fingerprint")
+    except (OSError, ValueError):
+        return None
 
 
 class StoreWriter:
@@ -149,6 +178,7 @@ class StoreWriter:
         self.extra: dict[str, Any] = {}
 
     def __enter__(self) -> StoreWriter:
+        _remove_stale_tmp(self.root)
         if os.path.exists(self.tmp):
             shutil.rmtree(self.tmp)
         os.makedirs(os.path.join(self.tmp, "stages"))
@@ -171,12 +201,13 @@ class StoreWriter:
         os.makedirs(d)
         shapes = {"x": (np.int32, len(self.fields)), "y": (np.uint8, len(self.tasks))}
         shapes.update(extra_columns or {})
-        arrays = {
-            key: np.lib.format.open_memmap(
-                os.path.join(d, f"{key}.npy"), mode="w+", dtype=dtype, shape=(rows, width)
+        arrays = {}
+        for key, (dtype, width) in shapes.items():
+            path = os.path.join(d, f"{key}.npy")
+            arrays[key] = np.lib.format.open_memmap(
+                path, mode="w+", dtype=dtype, shape=(rows, width)
             )
-            for key, (dtype, width) in shapes.items()
-        }
+            _reserve(path)
         self._stages.append(StageInfo(name=name, role=role, rows=int(rows)))
         return arrays
 
@@ -195,6 +226,40 @@ class StoreWriter:
             shutil.rmtree(self.root)
         os.replace(self.tmp, self.root)
         return fmap
+
+
+def _reserve(path: str) -> None:
+    """Allocates a memmap's file on disk now: on a full disk, writes through the map would
+    kill the process with SIGBUS; here they raise ENOSPC naming the file."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.path.getsize(path))
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem without fallocate
+            raise OSError(e.errno, os.strerror(e.errno), path) from e
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_tmp(root: str) -> None:
+    """Temporary stores of preparations that were killed (their pid is gone)."""
+    parent, base = os.path.split(root)
+    if not os.path.isdir(parent):
+        return
+    for d in os.listdir(parent):
+        pid = d[len(base) + 5 :] if d.startswith(base + ".tmp-") else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, d), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _validate(root: str, fmap: FeatureMap) -> None:

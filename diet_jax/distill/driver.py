@@ -3,12 +3,18 @@
 Artifacts under `<workdir>/distill/stage_XX/`:
 
     init/     Orbax: the phase-1 memory (before refinement)
-    ckpt/     Orbax CheckpointManager: DistillState every `checkpoint_every` outer iterations
-              (memory, optimizer state, RNG key, iteration); removed when the stage is done
-    memory/   Orbax: the refined memory D_syn^t, written last; its presence marks the stage done
+    ckpt/step_XXXXXX/  Orbax: DistillState every `checkpoint_every` outer iterations (memory,
+              optimizer state, RNG key, iteration); the last one kept; removed when done
+    memory/   Orbax: the refined memory D_syn^t, written last; with its stamp it marks the
+              stage done
 
-A rerun skips finished stages, reuses a saved phase-1 memory, and resumes phase 2 from the last
-checkpoint. Real minibatch k of a stage is a pure function of (seed, k) and the RNG of outer
+Each artifact has a stamp (`checkpoint.py`) with its fingerprint: phase 1's keys, the teacher's
+and the previous stage's memory's fingerprints for init/; phase 2's keys and init/'s for ckpt/
+and memory/. A rerun skips finished stages, reuses a saved phase-1 memory, and resumes phase 2
+from the last checkpoint, each only when its fingerprint matches and its files are intact;
+otherwise it recomputes from the previous good artifact. A NaN/Inf meta loss or meta-gradient
+norm stops phase 2 naming the last good checkpoint (train.nan_policy = "stop"), or leaves the
+state unchanged for that iteration ("skip_batch"). Real minibatch k of a stage is a pure function of (seed, k) and the RNG of outer
 iteration k is fold_in(key, k), so a killed and resumed run ends with the same memory as an
 uninterrupted one. D_syn^T, the last stage's memory, is the distilled dataset: memory fusion
 carries the earlier stages' rows into it.
@@ -26,19 +32,22 @@ import types
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from tqdm.auto import tqdm
 
+from diet_jax import checkpoint, parallel
+from diet_jax import fingerprint as fp_lib
 from diet_jax import metrics as metrics_lib
-from diet_jax import parallel
 from diet_jax.data import loader
 from diet_jax.data.store import Stage, StageStore
 from diet_jax.distill import bilevel, phase1
 from diet_jax.distill import memory as memory_lib
 from diet_jax.distill.memory import Memory
 from diet_jax.io_utils import MetricsWriter
+from diet_jax.train.loop import NonFiniteTracker
+from diet_jax.train.steps import inject_nan_step
 
 
 @dataclasses.dataclass
@@ -49,6 +58,7 @@ class DistillRun:
     seconds: float  # spent distilling in this run (0 when every stage was restored)
     stages: dict[str, dict]  # per stage: phase1/phase2 seconds, iterations, rows, ...
     restored: list[str]  # stages found finished on disk
+    fingerprint: str = ""  # of D_syn^T (its stamp's)
 
     def memory(self, t: int) -> Memory:
         """D_syn^t (1-based), read back from its checkpoint."""
@@ -141,11 +151,40 @@ _OPTIMIZER_KEYS = ("meta_lr_embed", "meta_lr_labels", "learn_labels", "max_grad_
 
 
 @functools.cache
-def _optimizer_and_step(model, bcfg: bilevel.BilevelConfig, optimizer_items: tuple):
+def _optimizer_and_step(
+    model,
+    bcfg: bilevel.BilevelConfig,
+    optimizer_items: tuple,
+    nan_policy: str = "stop",
+    inject_nan: int = -1,
+):
     """(meta optimizer, jitted outer step), built once per process for equal settings: a rerun
     in the same process (tests, notebooks) neither traces nor compiles again."""
     tx = bilevel.make_meta_optimizer(types.SimpleNamespace(**dict(optimizer_items)))
-    return tx, bilevel.make_outer_step(model, bcfg, tx)
+    return tx, _guarded(bilevel.make_outer_step(model, bcfg, tx), nan_policy, inject_nan)
+
+
+def _guarded(outer_step, nan_policy: str, inject_nan: int):
+    """The outer step with a `finite` flag (meta loss and meta-gradient norm) in its metrics.
+
+    skip_batch: a non-finite iteration keeps the memory and optimizer state (the iteration
+    still counts, so minibatch k stays batch k). `inject_nan` >= 0 (test switch): the metrics
+    of that outer iteration read NaN, as if its loss had been.
+    """
+
+    def step(state, batch, ctx):
+        new, m = outer_step(state, batch, ctx)
+        if inject_nan >= 0:
+            poison = jnp.where(state.step == inject_nan, jnp.nan, 1.0)
+            m = {**m, "meta_loss": m["meta_loss"] * poison}
+        finite = jnp.isfinite(m["meta_loss"]) & jnp.isfinite(m.get("grad_norm", 0.0))
+        if nan_policy == "skip_batch":
+            kept = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+            new = kept.replace(step=new.step)
+            m = {**m, "skipped": ~finite}
+        return new, {**m, "finite": finite}
+
+    return jax.jit(step, donate_argnums=0)
 
 
 def _real_batch(
@@ -179,6 +218,31 @@ def _as_tree(state: bilevel.DistillState) -> dict:
     return {"step": state.step, "syn": state.syn, "opt_state": state.opt_state, "key": state.key}
 
 
+def _step_dirs(ckpt_dir: str) -> list[str]:
+    if not os.path.isdir(ckpt_dir):
+        return []
+    paths = (os.path.join(ckpt_dir, d) for d in os.listdir(ckpt_dir) if d.startswith("step_"))
+    return sorted(p for p in paths if os.path.isdir(p))  # the folders, not their stamps
+
+
+def _step_dir(ckpt_dir: str, k: int) -> str:
+    return os.path.join(ckpt_dir, f"step_{k:06d}")
+
+
+def _resume(state, ckpt_dir: str, record: dict | None, desc: str):
+    """The newest intact checkpoint under `ckpt_dir` for `record`, or None; others removed."""
+    for path in reversed(_step_dirs(ckpt_dir)):
+        if record is not None and not checkpoint.valid(path, record, f"{desc} checkpoint"):
+            checkpoint.discard(path)
+            continue
+        try:
+            return bilevel.DistillState(**checkpoint.restore(path, _as_tree(state))), path
+        except Exception as e:  # noqa: BLE001 - a damaged checkpoint can fail in many ways
+            logging.warning("%s: checkpoint %s cannot be read (%s): removed", desc, path, e)
+            checkpoint.discard(path)
+    return None, None
+
+
 def refine(
     outer_step,
     state: bilevel.DistillState,
@@ -197,72 +261,87 @@ def refine(
     log_fields: dict | None = None,
     callback: Callable[[int, dict], None] | None = None,
     sharding=None,
+    record: dict | None = None,
+    last_good: str | None = None,
 ) -> tuple[bilevel.DistillState, dict]:
     """Phase 2's loop: `iterations` outer steps from the last checkpoint in `ckpt_dir` (if any).
 
-    Checkpoints every `checkpoint_every` iterations (0: never). Metrics are read one iteration
-    behind the dispatch; `callback(k, metrics)` runs after iteration k (tests use it to kill).
+    Checkpoints every `checkpoint_every` iterations (0: never) to `ckpt_dir/step_XXXXXX`,
+    stamped with `record` (phase 2's fingerprint); only a checkpoint whose stamp matches and
+    whose files are intact is resumed from. Metrics are read one iteration behind the dispatch;
+    the non-finite flags are read at the logging interval and before every checkpoint, so no
+    checkpoint holds a NaN state. `last_good`: named in the NaN message when no checkpoint of
+    this stage exists yet. `callback(k, metrics)` runs after iteration k (tests use it to kill).
     `sharding`: real minibatches split over a mesh (`parallel.batch_sharding`); `state` and
     `ctx` already placed on it.
     """
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=1, create=True, enable_async_checkpointing=False
-    )
     stats = {"seconds": 0.0, "iterations": 0, "resumed_from": 0}
-    with ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=options) as mngr:
-        latest = mngr.latest_step()
-        if latest is not None:
-            like = jax.tree.map(ocp.utils.to_shape_dtype_struct, _as_tree(state))
-            tree = mngr.restore(latest, args=ocp.args.StandardRestore(like))
-            state = bilevel.DistillState(**tree)
-            stats["resumed_from"] = int(latest)
-            logging.info("%s: resumed phase 2 at outer iteration %d", desc, latest)
-        k0 = int(state.step)
-        bar = tqdm(
-            total=iterations, initial=k0, desc=desc, unit="it", disable=not progress, leave=False
-        )
-        cache: dict = {}
-        pending = None
-        start = time.perf_counter()
-        steady_start, steady_k = None, 0
-        for k in range(k0, iterations):
-            batch = _real_batch(stage, k, batch_size, seed, cache, sharding)
-            state, m = outer_step(state, batch, ctx)
-            if pending is not None:
-                _report(pending, k - 1, bar, writer, log_every, log_fields, iterations)
-            pending = m
-            if k == k0:
-                jax.block_until_ready(state)  # compilation: excluded from the steady rate
-                steady_start, steady_k = time.perf_counter(), k + 1
-            done = k + 1
-            if checkpoint_every and done % checkpoint_every == 0 and done < iterations:
-                mngr.save(done, args=ocp.args.StandardSave(_as_tree(state)))
-            bar.update(1)
-            if callback is not None:
-                callback(done, m)
+    found, path = _resume(state, ckpt_dir, record, desc)
+    if found is not None:
+        state, last_good = found, path
+        stats["resumed_from"] = int(state.step)
+        logging.info("%s: resumed phase 2 at outer iteration %d", desc, int(state.step))
+    stage_name = (log_fields or {}).get("stage")
+    tracker = NonFiniteTracker("distill", stage_name, last_good)
+    k0 = int(state.step)
+    bar = tqdm(
+        total=iterations, initial=k0, desc=desc, unit="it", disable=not progress, leave=False
+    )
+    cache: dict = {}
+    pending = None
+    start = time.perf_counter()
+    steady_start, steady_k = None, 0
+    for k in range(k0, iterations):
+        batch = _real_batch(stage, k, batch_size, seed, cache, sharding)
+        state, m = outer_step(state, batch, ctx)
+        tracker.add(m, k)
         if pending is not None:
-            _report(pending, iterations - 1, bar, writer, log_every, log_fields, iterations)
-        jax.block_until_ready(state)
-        end = time.perf_counter()
-        bar.close()
+            _report(pending, k - 1, bar, writer, log_every, log_fields, iterations, tracker)
+        pending = m
+        if k == k0:
+            jax.block_until_ready(state)  # compilation: excluded from the steady rate
+            steady_start, steady_k = time.perf_counter(), k + 1
+        done = k + 1
+        if checkpoint_every and done % checkpoint_every == 0 and done < iterations:
+            tracker.check()  # never a checkpoint of a NaN state
+            path = _step_dir(ckpt_dir, done)
+            checkpoint.save(path, _as_tree(state), record)
+            for old in _step_dirs(ckpt_dir):
+                if old != path:
+                    checkpoint.discard(old)
+            tracker.checkpoint = path
+        bar.update(1)
+        if callback is not None:
+            callback(done, m)
+    if pending is not None:
+        _report(pending, iterations - 1, bar, writer, log_every, log_fields, iterations, tracker)
+    tracker.check()
+    jax.block_until_ready(state)
+    end = time.perf_counter()
+    bar.close()
     stats["seconds"] = end - start
     stats["iterations"] = iterations - k0
+    stats["skipped"] = tracker.skipped
     if steady_start is not None and iterations - steady_k > 0:
         stats["seconds_per_iteration"] = (end - steady_start) / (iterations - steady_k)
     return state, stats
 
 
-def _report(m, k, bar, writer, log_every, log_fields, iterations) -> None:
+def _report(m, k, bar, writer, log_every, log_fields, iterations, tracker=None) -> None:
     last = k == iterations - 1
     if k % log_every and not last:
         return
+    if tracker is not None:
+        tracker.check()  # raises under nan_policy "stop"
     loss = float(m["meta_loss"])
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"distillation: meta loss became {loss} at iteration {k}.")
     auc = _hard_auc(m["hard_logits"], m["hard_y"])
     bar.set_postfix(meta_loss=f"{loss:.4f}")
     if writer is not None:
-        scalars = {key: float(v) for key, v in m.items() if key not in ("hard_logits", "hard_y")}
+        scalars = {
+            key: float(v)
+            for key, v in m.items()
+            if key not in ("hard_logits", "hard_y", "finite", "skipped")
+        }
         writer.write(
             phase="distill",
             iteration=k,
@@ -298,23 +377,33 @@ def distill(
     mesh = parallel.mesh_from_config(config)
     parallel.check_divisible(bs, mesh, "the distillation minibatch (distill.batch_size)")
     previous, restored, stages_info, seconds = None, [], {}, 0.0
+    previous_fp, last_good = None, None
+    records = stage_records(config, getattr(ref, "fingerprint", None), len(ref.stage_names))
+    nan_policy = config.train.get("nan_policy", "stop")
+    inject = inject_nan_step(config.train, "distill")
     for t, name in enumerate(ref.stage_names, start=1):
         final_path = memory_path(root, t)
-        if memory_lib.exists(final_path):
-            previous = memory_lib.load(final_path)
+        init_path = os.path.join(stage_dir(root, t), "init")
+        init_record, record = records[t - 1]
+        previous_fp = record["fingerprint"]
+        found = _load_memory(final_path, record, f"distill {name} memory")
+        if found is not None:
+            previous, last_good = found, final_path
             restored.append(name)
             logging.info("distill: restored %s from %s", name, final_path)
             continue
+        checkpoint.discard(final_path)
         t0 = time.perf_counter()
         stage = store.stage(name)
         teacher = ref.stage_state(t)
         info = {"rows": len(stage)}
 
         # ---- phase 1: boundary memory (saved, so a resumed phase 2 starts from the same rows)
-        init_path = os.path.join(stage_dir(root, t), "init")
-        if memory_lib.exists(init_path):
-            memory0 = memory_lib.load(init_path)
-        else:
+        memory0 = _load_memory(init_path, init_record, f"distill {name} phase-1 memory")
+        if memory0 is None:
+            checkpoint.discard(init_path)
+            ckpt = os.path.join(stage_dir(root, t), "ckpt")
+            shutil.rmtree(ckpt, ignore_errors=True)  # checkpoints of another phase-1 memory
             memory0, p1 = phase1.boundary_memory(
                 model,
                 teacher,
@@ -327,7 +416,7 @@ def distill(
                 batch_size=config.train.eval_batch_size,
                 chunk_size=dc.chunk_size or 4096,
             )
-            memory_lib.save(init_path, memory0)
+            _save_memory(init_path, memory0, init_record)
             info.update(p1)
         info["phase1_seconds"] = time.perf_counter() - t0
         n_rows = info["memory_rows"] = len(memory0)
@@ -338,7 +427,7 @@ def distill(
             )
 
         # ---- phase 2: bi-level refinement
-        tx, outer_step = _optimizer_and_step(model, bcfg, optimizer_items)
+        tx, outer_step = _optimizer_and_step(model, bcfg, optimizer_items, nan_policy, inject)
         proxy = teacher if t == 1 else ref.stage_state(t - 1)  # theta_0 (random at t = 1)
         ctx = bilevel.stage_context(teacher, proxy, n_rows, capacity, random_init=t == 1)
         state = bilevel.init_state(memory0, tx, seed=config.seed + t, capacity=capacity)
@@ -363,9 +452,12 @@ def distill(
             log_fields={"stage": name},
             callback=callback,
             sharding=parallel.batch_sharding(mesh),
+            record=record,
+            last_good=last_good or init_path,
         )
         memory = memory0.with_trainable(jax.tree.map(lambda a, n=n_rows: a[:n], state.syn))
-        memory_lib.save(final_path, memory)
+        _save_memory(final_path, memory, record)
+        last_good = final_path
         shutil.rmtree(os.path.join(stage_dir(root, t), "ckpt"), ignore_errors=True)
         info.update({f"phase2_{k}": v for k, v in p2.items()})
         info["seconds"] = time.perf_counter() - t0
@@ -382,4 +474,43 @@ def distill(
             p2["iterations"],
         )
         previous = memory
-    return DistillRun(root, list(ref.stage_names), previous, seconds, stages_info, restored)
+    return DistillRun(
+        root, list(ref.stage_names), previous, seconds, stages_info, restored, previous_fp or ""
+    )
+
+
+def stage_records(config, teacher_fp: str | None, num_stages: int) -> list[tuple[dict, dict]]:
+    """Per stage t = 1..T: (phase-1 record, phase-2 record), the fingerprints of init/ and of
+    ckpt/ and memory/. Phase 1 depends on the teacher and the previous stage's memory (fusion);
+    phase 2 on phase 1's memory and the teachers (its stage context). The last phase-2 record
+    is D_syn^T's. Computed from the config alone, before any work."""
+    out, previous_fp = [], None
+    for t in range(1, num_stages + 1):
+        init_record = fp_lib.fingerprint(
+            config, "phase1", {"teacher": teacher_fp, "previous": previous_fp, "stage": t}
+        )
+        record = fp_lib.fingerprint(
+            config, "phase2", {"teacher": teacher_fp, "init": init_record["fingerprint"]}
+        )
+        out.append((init_record, record))
+        previous_fp = record["fingerprint"]
+    return out
+
+
+def _save_memory(path: str, memory: Memory, record: dict) -> None:
+    """Saves a memory and stamps it (the stamp removed first, written once it is complete)."""
+    checkpoint.unstamp(path)
+    memory_lib.save(path, memory)
+    if parallel.is_main_process():
+        checkpoint.stamp(path, record)
+
+
+def _load_memory(path: str, record: dict, what: str) -> Memory | None:
+    """The memory at `path` if its stamp matches `record` and its files are intact, else None."""
+    if not checkpoint.valid(path, record, what):
+        return None
+    try:
+        return memory_lib.load(path)
+    except Exception as e:  # noqa: BLE001 - a damaged checkpoint can fail in many ways
+        logging.warning("%s at %s cannot be read (%s): recomputing", what, path, e)
+        return None

@@ -2,18 +2,75 @@
 
 from __future__ import annotations
 
-import math
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from tqdm.auto import tqdm
 
 from diet_jax import metrics, parallel
 from diet_jax.data import loader
 from diet_jax.data.store import Stage
 from diet_jax.io_utils import MetricsWriter
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN/Inf loss or gradient norm stopped a phase (train.nan_policy = "stop")."""
+
+
+def nonfinite_message(phase: str, stage: str | None, step: int, checkpoint: str | None) -> str:
+    where = f"phase {phase}" + (f", stage {stage}" if stage else "") + f", step {step}"
+    kept = checkpoint or "none (this phase starts from scratch on a rerun)"
+    return (
+        f"Non-finite loss or gradient norm in {where}: the phase stopped. "
+        f"Last good checkpoint (kept): {kept}. Lower the learning rate, check the data, or set "
+        "train.nan_policy='skip_batch' to skip such batches."
+    )
+
+
+@jax.jit
+def _track(first_K, count, finite, step):
+    """Device-side record of non-finite steps: (first bad step or -1, how many); no host sync."""
+    bad = ~finite
+    return jnp.where((first_K < 0) & bad, step, first_K), count + bad.astype(jnp.int32)
+
+
+class NonFiniteTracker:
+    """Collects a step's `finite` flag on the device; `check()` (at a logging interval) reads
+    it back and raises NonFiniteError (stop policy) or counts skipped steps (skip_batch)."""
+
+    def __init__(self, phase: str, stage: str | None = None, checkpoint: str | None = None):
+        self.phase, self.stage, self.checkpoint = phase, stage, checkpoint
+        self.first = jnp.full((), -1, jnp.int32)
+        self.count = jnp.zeros((), jnp.int32)
+        self.skipping = False
+        self.skipped = 0
+
+    def add(self, step_metrics: dict, step: int) -> None:
+        finite = step_metrics.get("finite")
+        if finite is None:  # a step without the flag: its loss alone
+            finite = jnp.isfinite(step_metrics.get("loss", step_metrics.get("meta_loss")))
+        self.skipping = self.skipping or "skipped" in step_metrics
+        self.first, self.count = _track(self.first, self.count, finite, jnp.int32(step))
+
+    def check(self) -> None:
+        first, count = int(self.first), int(self.count)
+        if first < 0:
+            return
+        if not self.skipping:
+            raise NonFiniteError(nonfinite_message(self.phase, self.stage, first, self.checkpoint))
+        if count > self.skipped:
+            logging.warning(
+                "%s%s: skipped %d batch(es) with a non-finite loss or gradient norm (first at "
+                "step %d; train.nan_policy='skip_batch').",
+                self.phase,
+                f" {self.stage}" if self.stage else "",
+                count,
+                first,
+            )
+            self.skipped = count
 
 
 def train_epoch(
@@ -30,12 +87,18 @@ def train_epoch(
     progress: bool = True,
     log_fields: dict | None = None,
     sharding=None,
+    phase: str | None = None,
+    last_checkpoint: str | None = None,
 ):
-    """One shuffled pass over `stage`. Returns (state, {"seconds", "samples", "steps", "loss"}).
+    """One shuffled pass over `stage`. Returns (state, {"seconds", "samples", "steps", "loss",
+    "skipped"}).
 
     Metrics are read one step behind the dispatch, so the host never waits on the device inside
-    the loop except to print; a non-finite loss stops the run. `sharding`: batches split over a
-    mesh (`parallel.batch_sharding`), the state already placed on it.
+    the loop except to print. The step's non-finite flags are collected on the device and read
+    at every logging interval: under train.nan_policy = "stop" a NaN/Inf loss or gradient norm
+    raises NonFiniteError naming `phase` (default "training (<desc>)"), the stage, the step and
+    `last_checkpoint`. `sharding`: batches split over a mesh (`parallel.batch_sharding`), the
+    state already placed on it.
     """
     n_batches = loader.num_batches(len(stage), batch_size, drop_remainder=True)
     if n_batches == 0:
@@ -51,19 +114,23 @@ def train_epoch(
         drop_remainder=True,
         sharding=sharding,
     )
+    tracker = NonFiniteTracker(phase or f"training ({desc})", stage.name, last_checkpoint)
     bar = tqdm(total=n_batches, desc=desc, unit="batch", disable=not progress, leave=False)
     start = time.perf_counter()
     pending, last_loss = None, float("nan")
     for i, batch in enumerate(batches):
         state, step_metrics = train_step(state, batch)
+        tracker.add(step_metrics, i)
         if pending is not None and (i % log_every == 0):
-            last_loss = _check_finite(float(pending["loss"]), desc, i - 1)
+            tracker.check()
+            last_loss = float(pending["loss"])
             bar.set_postfix(loss=f"{last_loss:.4f}")
             if writer is not None:
                 writer.write(phase=desc, step=i - 1, loss=last_loss, **(log_fields or {}))
         pending = step_metrics
         bar.update(1)
-    last_loss = _check_finite(float(pending["loss"]), desc, n_batches - 1)
+    tracker.check()
+    last_loss = float(pending["loss"])
     jax.block_until_ready(state)
     seconds = time.perf_counter() - start
     bar.close()
@@ -72,13 +139,8 @@ def train_epoch(
         "samples": n_batches * batch_size,
         "steps": n_batches,
         "loss": last_loss,
+        "skipped": tracker.skipped,
     }
-
-
-def _check_finite(value: float, desc: str, step: int) -> float:
-    if not math.isfinite(value):
-        raise FloatingPointError(f"{desc}: loss became {value} at step {step}.")
-    return value
 
 
 def predict(

@@ -2,7 +2,9 @@
 
 One epoch per historical stage in time order; parameters and optimizer moments are inherited;
 every stage's state is saved with Orbax under `<workdir>/teacher/stage_<t>`; a rerun restores
-finished stages instead of training them again.
+finished stages instead of training them again. Each stage is stamped with the teacher's
+fingerprint (`fingerprint.KEYS["teacher"]` and the store's): a stage whose stamp differs, or
+whose files are damaged, is trained again from the previous good stage.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import jax
 from absl import logging
 
 from diet_jax import checkpoint, parallel
+from diet_jax import fingerprint as fp_lib
 from diet_jax.data.store import StageStore
 from diet_jax.io_utils import MetricsWriter
 from diet_jax.models import build_model
@@ -31,6 +34,7 @@ class ReferenceRun:
     train_seconds: float  # time spent training in this run (0 when everything was restored)
     train_samples: int
     restored: list[str]  # stages found on disk and skipped
+    fingerprint: str = ""  # of every stage: teacher keys and the store's fingerprint
 
     def stage_state(self, t: int) -> TrainState:
         """phi_t (1-based), read back from its checkpoint: the live state is donated step by step."""
@@ -51,12 +55,36 @@ def checkpoint_dir(root: str, t: int) -> str:
     return os.path.join(root, f"stage_{t:02d}")
 
 
+def teacher_fingerprint(config, store_fp: str | None) -> dict:
+    """The record every teacher stage is stamped with (`store_fp`: the store's fingerprint)."""
+    return fp_lib.fingerprint(
+        config,
+        "teacher",
+        {"store": store_fp},
+        # The evaluation batch only sizes the teacher's validation passes.
+        exclude=fp_lib.other_backbones(config.teacher.model) + ("train.eval_batch_size",),
+    )
+
+
+def _restore(path: str, state, record: dict, name: str):
+    """The stage's state, or None when it must be trained (missing, out of date, damaged)."""
+    if not checkpoint.valid(path, record, f"teacher {name}"):
+        return None
+    try:
+        return checkpoint.restore(path, state)
+    except Exception as e:  # noqa: BLE001 - a damaged checkpoint can fail in many ways
+        logging.warning("teacher %s at %s cannot be read (%s): training it again", name, path, e)
+        return None
+
+
 def train_reference(
     config, store: StageStore, workdir: str, writer: MetricsWriter | None = None
 ) -> ReferenceRun:
     fmap = store.feature_map
+    record = teacher_fingerprint(config, getattr(store, "fingerprint", None))
     model = build_model(config.model, fmap, name=config.teacher.model)
-    trainer = make_trainer(model, config.train)  # dense or row-sparse embedding updates
+    # Dense or row-sparse embedding updates, as train.embedding_optimizer asks.
+    trainer = make_trainer(model, config.train, phase="teacher")
     params, model_state = model.init(jax.random.key(config.seed))
     state = trainer.init(params, model_state)
     # Scale-out: batches split over the mesh's data axis, the state replicated (table row-sharded
@@ -72,13 +100,16 @@ def train_reference(
 
     names, restored = [], []
     seconds, samples = 0.0, 0
+    previous_path = None  # the last good checkpoint, named if a NaN stops the stage
     for t, info in enumerate(fmap.stages_with_role("historical"), start=1):
         path = checkpoint_dir(teacher_root(config, workdir), t)
-        if checkpoint.exists(path):
-            state = checkpoint.restore(path, state)
+        found = _restore(path, state, record, info.name)
+        if found is not None:
+            state = found
             restored.append(info.name)
             logging.info("teacher: restored %s from %s", info.name, path)
         else:
+            checkpoint.discard(path)
             state, stats = loop.train_epoch(
                 train_step,
                 state,
@@ -92,6 +123,8 @@ def train_reference(
                 progress=config.progress,
                 log_fields={"stage": info.name},
                 sharding=rows,
+                phase="teacher",
+                last_checkpoint=previous_path,
             )
             seconds += stats["seconds"]
             samples += stats["samples"]
@@ -121,8 +154,16 @@ def train_reference(
                 stats["samples"] / stats["seconds"],
                 val["auc"],
             )
-            checkpoint.save(path, state)
+            checkpoint.save(path, state, record)
+        previous_path = path
         names.append(info.name)
     return ReferenceRun(
-        model, state, names, teacher_root(config, workdir), seconds, samples, restored
+        model,
+        state,
+        names,
+        teacher_root(config, workdir),
+        seconds,
+        samples,
+        restored,
+        record["fingerprint"],
     )

@@ -57,25 +57,95 @@ def weighted_mean(v_B: jax.Array, w_B: jax.Array) -> jax.Array:
     return jnp.sum(v_B * w_B) / jnp.maximum(jnp.sum(w_B), 1.0)
 
 
-def make_train_step(model: RecModel, tx: optax.GradientTransformation):
-    """(state, batch{x, y, w}) -> (state, {"loss"}): one step on real samples, whole model."""
+NAN_POLICIES = ("stop", "skip_batch")
 
-    def loss_fn(params, model_state, batch):
+
+NAN_PHASES = ("teacher", "candidate", "distill")
+
+
+def check_nan_policy(train_cfg) -> None:
+    """Rejects a bad `train.nan_policy` or `train.inject_nan` (ValueError naming the key)."""
+    policy = train_cfg.get("nan_policy", "stop")
+    if policy not in NAN_POLICIES:
+        raise ValueError(f"config.train.nan_policy must be one of {NAN_POLICIES}, got {policy!r}.")
+    inject_nan_step(train_cfg, "teacher")
+
+
+def inject_nan_step(train_cfg, phase: str) -> int:
+    """The step at which `phase` gets a NaN loss, from the test switch `train.inject_nan`
+    ("teacher:17", "candidate:3", "distill:2"; "" = off), or -1.
+
+    teacher: the train state's step, counted over all stages; candidate: the fine-tune's step;
+    distill: the outer iteration, in every stage.
+    """
+    spec = train_cfg.get("inject_nan", "")
+    if not spec:
+        return -1
+    name, _, step = str(spec).partition(":")
+    if name not in NAN_PHASES or not step.isdigit():
+        raise ValueError(
+            f"config.train.inject_nan must be '<phase>:<step>' with phase in {NAN_PHASES}, "
+            f"got {spec!r}."
+        )
+    return int(step) if name == phase else -1
+
+
+def _poison(step: jax.Array, inject_nan_step: int) -> jax.Array:
+    """1.0, or NaN at the step a test asked for (`train.inject_nan`): loss and gradients
+    both become NaN there, as from a poisoned batch."""
+    if inject_nan_step < 0:
+        return jnp.ones((), jnp.float32)
+    return jnp.where(step == inject_nan_step, jnp.nan, 1.0).astype(jnp.float32)
+
+
+def _finite(loss: jax.Array, grad_norm: jax.Array) -> jax.Array:
+    return jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+
+def _guard_metrics(loss, grad_norm, finite, nan_policy: str) -> dict:
+    """The step's metrics; "skipped" is present only under skip_batch (the loop reads it so)."""
+    out = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+    if nan_policy == "skip_batch":
+        out["skipped"] = ~finite
+    return out
+
+
+def make_train_step(
+    model: RecModel,
+    tx: optax.GradientTransformation,
+    nan_policy: str = "stop",
+    inject_nan_step: int = -1,
+):
+    """(state, batch{x, y, w}) -> (state, {"loss", "grad_norm", "finite"}): one step on real
+    samples, whole model.
+
+    `finite` flags a NaN/Inf loss or gradient norm, computed in the step (no host round trip);
+    the loop reads it at its logging interval. `nan_policy="skip_batch"`: such a step leaves
+    the state unchanged (but counts the step).
+    """
+
+    def loss_fn(params, model_state, batch, poison):
         logits, new_state, aux = model.apply(params, model_state, batch["x"], train=True)
-        loss = weighted_mean(bce_per_sample(logits, batch["y"]), batch["w"])
+        loss = weighted_mean(bce_per_sample(logits, batch["y"]), batch["w"]) * poison
         return loss + aux, (loss, new_state)
 
     @functools.partial(jax.jit, donate_argnums=0)
     def train_step(state: TrainState, batch: dict):
+        poison = _poison(state.step, inject_nan_step)
         grads, (loss, new_model_state) = jax.grad(loss_fn, has_aux=True)(
-            state.params, state.model_state, batch
+            state.params, state.model_state, batch, poison
         )
+        grad_norm = optax.tree.norm(grads)
+        finite = _finite(loss, grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new = state.replace(
             step=state.step + 1, params=params, model_state=new_model_state, opt_state=opt_state
         )
-        return new, {"loss": loss}
+        if nan_policy == "skip_batch":
+            new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+            new = new.replace(step=state.step + 1)
+        return new, _guard_metrics(loss, grad_norm, finite, nan_policy)
 
     return train_step
 
@@ -108,7 +178,9 @@ def _table(params: dict) -> jax.Array:
     return embed["table"]
 
 
-def sparse_grads(model: RecModel, params: dict, model_state: dict, batch: dict):
+def sparse_grads(
+    model: RecModel, params: dict, model_state: dict, batch: dict, poison: jax.Array | None = None
+):
     """Loss and gradients with the embedding gradient kept row-sparse.
 
     Returns (loss, new_model_state, g_dense, rows_U, g_UxD): the dense subtree's gradient, the
@@ -125,6 +197,8 @@ def sparse_grads(model: RecModel, params: dict, model_state: dict, batch: dict):
     def dense_loss(params_dense, e_BxFxD):
         logits, new_state, aux = model.dense(params_dense, model_state, e_BxFxD, train=True)
         loss = weighted_mean(bce_per_sample(logits, batch["y"]), batch["w"])
+        if poison is not None:
+            loss = loss * poison
         return loss + aux, (loss, new_state)
 
     e_BxFxD = model.embed(params["embed"], x_BxF)
@@ -151,19 +225,33 @@ def make_sparse_train_step(
     dense_tx: optax.GradientTransformation,
     row_opt: sparse.RowOptimizer,
     max_grad_norm: float = 0.0,
+    nan_policy: str = "stop",
+    inject_nan_step: int = -1,
 ):
-    """(state, batch) -> (state, {"loss"}): the whole model, embedding rows updated sparsely.
+    """(state, batch) -> (state, {"loss", "grad_norm", "finite"}): the whole model, embedding
+    rows updated sparsely.
 
     `dense_tx` must not clip (`make_optimizer(cfg, clip=False)`): `max_grad_norm` > 0 clips the
     dense and row gradients by their joint norm. The state is donated: the table and its
-    optimizer state are scattered into in place, never copied.
+    optimizer state are scattered into in place, never copied. `nan_policy="skip_batch"`: a
+    step with a non-finite loss or gradient norm changes nothing, at no O(V) cost: its rows
+    are sent out of range (the scatter drops them) and only the dense and scalar leaves are
+    selected.
     """
+    num_rows = int(sum(model.embedding.vocab_sizes))
 
     @functools.partial(jax.jit, donate_argnums=0)
     def train_step(state: TrainState, batch: dict):
+        poison = _poison(state.step, inject_nan_step)
         loss, new_model_state, g_dense, rows_U, g_UxD = sparse_grads(
-            model, state.params, state.model_state, batch
+            model, state.params, state.model_state, batch, poison
         )
+        grad_norm = jnp.sqrt(jnp.square(optax.tree.norm(g_dense)) + jnp.sum(jnp.square(g_UxD)))
+        finite = _finite(loss, grad_norm)
+        if nan_policy == "skip_batch":
+            # Out of range (and still distinct, as the scatters promise): no row is touched.
+            rows_U = jnp.where(finite, rows_U, rows_U + num_rows)
+            g_UxD = jnp.where(finite, g_UxD, 0.0)
         if max_grad_norm and max_grad_norm > 0:
             g_dense, g_UxD = clip_joint_global_norm(g_dense, g_UxD, max_grad_norm)
         updates, dense_opt = dense_tx.update(
@@ -172,37 +260,50 @@ def make_sparse_train_step(
         table_VxD, embed_opt = row_opt.update(
             _table(state.params), state.opt_state["embed"], rows_U, g_UxD
         )
+        dense = optax.apply_updates(state.params["dense"], updates)
+        if nan_policy == "skip_batch":
+            keep = lambda a, b: jnp.where(finite, a, b)  # noqa: E731
+            dense = jax.tree.map(keep, dense, state.params["dense"])
+            dense_opt = jax.tree.map(keep, dense_opt, state.opt_state["dense"])
+            new_model_state = jax.tree.map(keep, new_model_state, state.model_state)
+            embed_opt = jax.tree.map(  # scalars (a step count); the V-sized leaves are untouched
+                lambda a, b: keep(a, b) if a.ndim == 0 else a, embed_opt, state.opt_state["embed"]
+            )
         new = state.replace(
             step=state.step + 1,
-            params={
-                **state.params,
-                "dense": optax.apply_updates(state.params["dense"], updates),
-                "embed": {"table": table_VxD},
-            },
+            params={**state.params, "dense": dense, "embed": {"table": table_VxD}},
             model_state=new_model_state,
             opt_state={"dense": dense_opt, "embed": embed_opt},
         )
-        return new, {"loss": loss}
+        return new, _guard_metrics(loss, grad_norm, finite, nan_policy)
 
     return train_step
 
 
 class Trainer(NamedTuple):
     init: Callable  # (params, model_state) -> TrainState
-    step: Callable  # jitted, donating (state, batch) -> (state, {"loss"})
+    step: Callable  # jitted, donating (state, batch) -> (state, {"loss", "grad_norm", "finite"})
 
 
-def make_trainer(model: RecModel, train_cfg) -> Trainer:
+def make_trainer(model: RecModel, train_cfg, phase: str = "candidate") -> Trainer:
     """The state constructor and train step that `train_cfg.embedding_optimizer` asks for.
 
     "dense_adam": `make_optimizer(train_cfg)` over the whole tree (`make_train_step`).
+    `train.nan_policy` and the test switch `train.inject_nan` (for `phase`) reach both steps.
     "lazy_adam" / "rowwise_adagrad": row-sparse table updates, the dense network with
     `make_optimizer(train_cfg, clip=False)`, clipping by the joint global norm.
     """
     name = train_cfg.get("embedding_optimizer", "dense_adam")
+    check_nan_policy(train_cfg)
+    guard = {
+        "nan_policy": train_cfg.get("nan_policy", "stop"),
+        "inject_nan_step": inject_nan_step(train_cfg, phase),
+    }
     if name == "dense_adam":
         tx = make_optimizer(train_cfg)
-        return Trainer(functools.partial(create_train_state, tx=tx), make_train_step(model, tx))
+        return Trainer(
+            functools.partial(create_train_state, tx=tx), make_train_step(model, tx, **guard)
+        )
     if name not in sparse.EMBEDDING_OPTIMIZERS:
         raise ValueError(
             f"Unsupported embedding_optimizer: {name!r}; "
@@ -212,7 +313,7 @@ def make_trainer(model: RecModel, train_cfg) -> Trainer:
     dense_tx = make_optimizer(train_cfg, clip=False)
     return Trainer(
         functools.partial(create_sparse_train_state, dense_tx=dense_tx, row_opt=row_opt),
-        make_sparse_train_step(model, dense_tx, row_opt, train_cfg.max_grad_norm),
+        make_sparse_train_step(model, dense_tx, row_opt, train_cfg.max_grad_norm, **guard),
     )
 
 
