@@ -17,6 +17,7 @@ from diet_jax import parallel
 from diet_jax import results as results_lib
 from diet_jax.data import prepare
 from diet_jax.distill import driver as distill_driver
+from diet_jax.distill import export as distill_export
 from diet_jax.evaluate import methods, report
 from diet_jax.io_utils import MetricsWriter, atomic_write_json
 from diet_jax.train import loop
@@ -106,6 +107,8 @@ def run(config, workdir: str) -> dict:
         timings["distill_seconds"] = dist.seconds
         timings["distill_stages"] = dist.stages
     timings["distill_restored_stages"] = dist.restored
+    if is_main:  # the distilled dataset as one file (docs/library.md), written atomically
+        distill_export.save_run(config, workdir, store, ref, dist)
 
     # ---------------------------------------------------------------- Candidates x methods
     if config.evaluate.methods and config.evaluate.models:
