@@ -104,3 +104,26 @@ def create(workdir: str) -> TensorBoardWriter | None:
                 "(pip install tensorboardX); metrics.jsonl is written as usual."
             )
         return None
+
+
+def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} from every event file under `logdir` (tests, notebooks)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for name in sorted(os.listdir(logdir)):
+        if "tfevents" not in name:
+            continue
+        with open(os.path.join(logdir, name), "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos + 12 <= len(data):  # TFRecord: u64 length, u32 crc, payload, u32 crc
+            (n,) = struct.unpack("<Q", data[pos : pos + 8])
+            payload = data[pos + 12 : pos + 12 + n]
+            pos += 12 + n + 4
+            event = event_pb2.Event.FromString(payload)
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((int(event.step), float(v.simple_value)))
+    return out

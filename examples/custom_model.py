@@ -46,6 +46,8 @@ class DeepFM(nn.Module):
 
 
 def main(argv) -> None:
+    import logging as std_logging
+
     import jax
     from absl import logging
 
@@ -54,6 +56,10 @@ def main(argv) -> None:
 
     del argv
     logging.set_verbosity(logging.INFO)
+    # As diet_jax.main: Orbax logs every file it writes at INFO.
+    logging.get_absl_handler().addFilter(
+        lambda r: r.levelno >= std_logging.WARNING or "orbax" not in r.pathname
+    )
     cache = os.environ.get("DIET_JAX_CACHE", os.path.expanduser("~/.cache/diet_jax_jax_cache"))
     jax.config.update("jax_compilation_cache_dir", cache)
     config, workdir = _CONFIG.value, _WORKDIR.value
