@@ -75,10 +75,8 @@ _CONTEXTS: dict = {}
 
 
 def _context(workdir: str, config) -> dict:
-    """Store, final teacher and its ReferenceRun for a finished run; cached per (workdir, config)."""
-    key = (os.path.abspath(workdir), config.to_json())
-    if key in _CONTEXTS:
-        return _CONTEXTS[key]
+    """Store, final teacher and its ReferenceRun for a finished run; cached per workdir, config
+    and the teacher's and distilled file's modification times (a run made again is reloaded)."""
     root = prepare.store_root(config, workdir)
     if not StageStore.exists(root):
         raise FileNotFoundError(
@@ -95,6 +93,15 @@ def _context(workdir: str, config) -> dict:
             f"No final teacher checkpoint at {final!r}: {workdir!r} is not a finished run "
             "(run `python -m diet_jax.main` on it first)."
         )
+    distilled = export.path_of(workdir)
+    key = (
+        os.path.abspath(workdir),
+        config.to_json(),
+        os.stat(final).st_mtime_ns,
+        os.stat(distilled).st_mtime_ns if os.path.exists(distilled) else None,
+    )
+    if key in _CONTEXTS:
+        return _CONTEXTS[key]
     # The teacher's state as train_reference builds it: the template to restore into.
     model = factory.build_model(config.model, fmap, name=config.teacher.model)
     template = make_trainer(model, config.train).init(*model.init(jax.random.key(config.seed)))
