@@ -183,6 +183,19 @@ def test_candidate_reproduces_the_pipelines_row(tiny_run):
         diet_jax.evaluate_candidate(workdir, Flat(), method="best")
 
 
+def test_distilled_file_of_another_teacher_is_refused(tiny_run, tmp_path):
+    from diet_jax.candidate import config_from_workdir
+
+    workdir, _ = tiny_run
+    config = config_from_workdir(workdir)  # the shared run's store and teacher, another file
+    config.data.store_dir = os.path.join(workdir, "data")
+    config.teacher.checkpoint_dir = os.path.join(workdir, "teacher")
+    other = dataclasses.replace(export.load(workdir), teacher_embed_sha256="f" * 64)
+    export.save(str(tmp_path / export.FILENAME), other)
+    with pytest.raises(ValueError, match="belongs to another teacher"):
+        diet_jax.evaluate_candidate(str(tmp_path), Flat(), config=config)
+
+
 def _snapshot(root):
     out = {}
     for d, _, files in os.walk(root):
