@@ -114,6 +114,10 @@ def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
     c.distill.target_selection = True
     c.distill.memory_selection = True
     c.distill.influence_at = "proxy"  # A(x, z) at the proxy's theta_0, or "teacher" (phi_t)
+    # Phase 2's proxy: "" = the teacher's backbone, or a user module "package.module:Name" /
+    # "file.py:Name" (docs/library.md), which returns `proxy_output` (representation | logits).
+    c.distill.proxy_module = ""
+    c.distill.proxy_output = "representation"
     c.distill.remat = tiny  # jax.checkpoint on the differentiated steps (compiles faster)
     c.distill.chunk_size = 256 if tiny else 8192  # rows per chunk in influence sums
     c.distill.address_pool = 256 if tiny else 512  # memory rows addressed per iteration; 0 = all

@@ -47,15 +47,21 @@ class MetricsWriter:
     def __init__(self, workdir: str, enabled: bool = True):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.enabled = enabled
+        self.tensorboard = None  # the same records as TensorBoard scalars (metric_writers.py)
         if enabled:
             os.makedirs(workdir, exist_ok=True)
             _drop_partial_line(self.path)
+            from diet_jax import metric_writers
+
+            self.tensorboard = metric_writers.create(workdir)
 
     def write(self, **record: Any) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record, default=_to_builtin) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
 
 
 def _drop_partial_line(path: str) -> None:

@@ -25,6 +25,7 @@ from diet_jax import results as results_lib
 from diet_jax.data import prepare
 from diet_jax.data.store import StageStore
 from diet_jax.distill import driver as distill_driver
+from diet_jax.distill import export as distill_export
 from diet_jax.errors import UserError
 from diet_jax.evaluate import methods, report
 from diet_jax.io_utils import MetricsWriter, atomic_write_json
@@ -132,6 +133,8 @@ def _run(config, workdir: str, is_main: bool) -> dict:
         timings["distill_seconds"] = dist.seconds
         timings["distill_stages"] = dist.stages
     timings["distill_restored_stages"] = dist.restored
+    if is_main:  # the distilled dataset as one file (docs/library.md), written atomically
+        distill_export.save_run(config, workdir, store, ref, dist)
 
     # ---------------------------------------------------------------- Candidates x methods
     _phase("candidates")

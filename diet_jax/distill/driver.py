@@ -46,6 +46,7 @@ from diet_jax.distill import bilevel, phase1
 from diet_jax.distill import memory as memory_lib
 from diet_jax.distill.memory import Memory
 from diet_jax.io_utils import MetricsWriter
+from diet_jax.models import factory
 from diet_jax.train.loop import NonFiniteTracker
 from diet_jax.train.steps import inject_nan_step
 
@@ -363,6 +364,9 @@ def distill(
     dc = config.distill
     check_config(dc)
     model = ref.model
+    # Phase 2's proxy: the teacher's architecture, or a user's module (distill.proxy_module),
+    # which has no trained parameters to start from: theta_0 is drawn afresh at every stage.
+    proxy_model = factory.proxy_from_config(config, store.feature_map) or model
     root = distill_root(workdir)
     bs = real_batch_size(config)
     optimizer_items = tuple((k, dc[k]) for k in _OPTIMIZER_KEYS)
@@ -427,9 +431,12 @@ def distill(
             )
 
         # ---- phase 2: bi-level refinement
-        tx, outer_step = _optimizer_and_step(model, bcfg, optimizer_items, nan_policy, inject)
+        tx, outer_step = _optimizer_and_step(proxy_model, bcfg, optimizer_items, nan_policy, inject)
         proxy = teacher if t == 1 else ref.stage_state(t - 1)  # theta_0 (random at t = 1)
-        ctx = bilevel.stage_context(teacher, proxy, n_rows, capacity, random_init=t == 1)
+        if proxy_model is not model:
+            proxy = factory.ProxyInit(*proxy_model.init_dense(jax.random.key(config.seed + t)))
+        random_init = t == 1 or proxy_model is not model
+        ctx = bilevel.stage_context(teacher, proxy, n_rows, capacity, random_init=random_init)
         state = bilevel.init_state(memory0, tx, seed=config.seed + t, capacity=capacity)
         if mesh is not None:
             state = parallel.put_replicated(state, mesh)
