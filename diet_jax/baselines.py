@@ -1,7 +1,10 @@
 """Selection baselines: which rows of a historical stage to keep, n = ratio x |D_t| of them.
 
 Random and K-means live here; the EL2N-percentile baseline is DIET phase 1's own
-`distill.phase1.select_percentile` over the whole stage. Each returns sorted row indices; the
+`distill.phase1.select_percentile` over the whole stage (streamed:
+`phase1.stage_selection(grouped=False)`). `kmeans_select` streams too: K-means fits on a bounded
+subsample, then every row of the stage is assigned in chunks (two passes: cluster sizes, then
+each cluster's nearest rows), holding one chunk and the n selected rows. Each returns sorted row indices; the
 caller converts the rows to (embedding, teacher logits) pairs with the stage's teacher
 (`distill.phase1.to_memory`), exactly as DIET's memory is built, so every method trains
 candidates on the same kind of data.
@@ -97,3 +100,66 @@ def kmeans_rows(rep_NxD: np.ndarray, n: int, *, k: int, iters: int, seed: int) -
     k = max(1, min(k, n, rep_NxD.shape[0]))
     _, assign, dist = kmeans(jnp.asarray(rep_NxD), jax.random.key(seed), k=k, iters=iters)
     return nearest_to_centroids(np.asarray(assign), np.asarray(dist), k, n)
+
+
+def _chunk_spans(n: int, chunk: int):
+    for lo in range(0, n, chunk):
+        yield lo, min(n, lo + chunk)
+
+
+def kmeans_select(
+    rep_fn,
+    rows: int,
+    n: int,
+    *,
+    k: int,
+    iters: int,
+    seed: int,
+    max_rows: int,
+    chunk: int = 1 << 16,
+    assign_chunk: int = 8192,
+) -> np.ndarray:
+    """`nearest_to_centroids` over every row of a stage, streamed.
+
+    `rep_fn(idx)` gives the representations [len(idx), D] of rows `idx` (sorted). K-means fits
+    on a seeded subsample of `max_rows` rows (all rows if fewer); then a pass over chunks counts
+    cluster sizes (the quotas) and a second keeps each cluster's quota of nearest rows (ties: the
+    lower row), merging a running buffer of at most n rows. Equals `kmeans_rows` when
+    rows <= max_rows.
+    """
+    pool = np.arange(rows)
+    if rows > max_rows:
+        pool = np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))
+    k = max(1, min(k, n, pool.size))
+    c_KxD, _, _ = kmeans(
+        jnp.asarray(rep_fn(pool)), jax.random.key(seed), k=k, iters=iters, chunk=assign_chunk
+    )
+    # Whole inner chunks of `_assign`, aligned as in one pass over all rows: the same numbers.
+    chunk = max(assign_chunk, chunk - chunk % assign_chunk)
+
+    def assigned(lo, hi):
+        a, d = _assign(jnp.asarray(rep_fn(np.arange(lo, hi))), c_KxD, assign_chunk)
+        return np.asarray(a), np.asarray(d)
+
+    sizes = np.zeros(k, np.int64)
+    for lo, hi in _chunk_spans(rows, chunk):
+        sizes += np.bincount(assigned(lo, hi)[0], minlength=k)
+    exact = n * sizes / sizes.sum()
+    quota = np.floor(exact).astype(np.int64)
+    short = n - quota.sum()
+    if short > 0:
+        room = np.where(quota < sizes, exact - quota, -np.inf)
+        quota[np.argsort(-room, kind="stable")[:short]] += 1
+    keep_idx = np.zeros(0, np.int64)
+    keep_a = np.zeros(0, np.int64)
+    keep_d = np.zeros(0, np.float32)
+    for lo, hi in _chunk_spans(rows, chunk):
+        a, d = assigned(lo, hi)
+        idx = np.concatenate([keep_idx, np.arange(lo, hi)])
+        a, d = np.concatenate([keep_a, a]), np.concatenate([keep_d, d])
+        order = np.lexsort((idx, d, a))  # by cluster, distance, then row
+        first = np.searchsorted(a[order], np.arange(k))
+        rank = np.arange(order.size) - first[a[order]]
+        sel = order[rank < quota[a[order]]]
+        keep_idx, keep_a, keep_d = idx[sel], a[sel], d[sel]
+    return np.sort(keep_idx)

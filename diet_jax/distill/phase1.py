@@ -10,12 +10,22 @@
 
 `select_percentile` (no grouping) and `to_memory` are public: the EL2N, random and k-means
 baselines select rows their own way and convert them with the same teacher.
+
+Streaming (issue 13): `boundary_memory` and the EL2N baseline never hold a stage's rows or its
+scores in host memory. `score_to_memmap` writes the EL2N scores batch by batch to a scratch
+memmap; `select_boundary_chunked` then finds the same rows as `select_boundary` in a few passes
+over chunks of (scores, labels): per-group counts, a radix select (one byte of the sortable
+score key per pass) of the window's first and last ranks, and a last pass that keeps the rows
+between them (ties by row index, as the in-memory sort). Memory: one chunk plus the selection.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
+import shutil
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -85,8 +95,7 @@ def select_percentile(scores_N, k: int, q: float) -> np.ndarray:
     if k >= n:
         return np.arange(n, dtype=np.int64)
     order = np.argsort(scores, kind="stable")
-    start = math.floor(q * (n - 1) - (k - 1) / 2 + 0.5)
-    start = min(max(start, 0), n - k)
+    start = window_start(n, k, q)
     return np.sort(order[start : start + k])
 
 
@@ -101,6 +110,131 @@ def select_boundary(scores_N, y_NxK, n: int, q: float) -> np.ndarray:
         members = np.flatnonzero(inverse == g)
         picked.append(members[select_percentile(np.asarray(scores_N)[members], counts[g], q)])
     return np.sort(np.concatenate(picked)) if picked else np.zeros((0,), np.int64)
+
+
+def window_start(n: int, k: int, q: float) -> int:
+    """First rank of the k-row window centred on rank q (n - 1), shifted inside [0, n)."""
+    start = math.floor(q * (n - 1) - (k - 1) / 2 + 0.5)
+    return min(max(start, 0), n - k)
+
+
+def _sort_key(scores) -> np.ndarray:
+    """uint32 keys in the order of the float32 scores (-0 folded into +0; no NaN expected)."""
+    bits = (np.asarray(scores, np.float32) + np.float32(0.0)).view(np.uint32)
+    return np.where(bits >> 31, ~bits, bits | np.uint32(1 << 31)).astype(np.uint32)
+
+
+def _chunks(n: int, chunk: int):
+    for lo in range(0, n, chunk):
+        yield lo, min(n, lo + chunk)
+
+
+def _radix_select(scores_N, codes_fn, targets, n: int, chunk: int):
+    """For each (code, rank) in `targets`: (key value at that rank, rows of the code below it).
+
+    Four passes, one byte of the key each, most significant first; a pass histograms, per
+    target, the next byte of the keys that share the prefix found so far.
+    """
+    prefix = np.zeros(len(targets), np.uint64)
+    below = np.zeros(len(targets), np.int64)
+    rank = np.array([r for _, r in targets], np.int64)
+    for level in range(4):
+        shift = np.uint32(24 - 8 * level)
+        hist = np.zeros((len(targets), 256), np.int64)
+        for lo, hi in _chunks(n, chunk):
+            key = _sort_key(scores_N[lo:hi])
+            codes = codes_fn(lo, hi)
+            byte = (key >> shift) & np.uint32(255)
+            high = key.astype(np.uint64) >> np.uint64(shift + 8) if level else None
+            for j, (code, _) in enumerate(targets):
+                m = codes == code
+                if level:
+                    m &= high == prefix[j]
+                hist[j] += np.bincount(byte[m], minlength=256)
+        for j in range(len(targets)):
+            cum = np.cumsum(hist[j])
+            b = int(np.searchsorted(cum, rank[j] - below[j], side="right"))
+            below[j] += int(cum[b - 1]) if b > 0 else 0
+            prefix[j] = (prefix[j] << np.uint64(8)) | np.uint64(b)
+    return prefix.astype(np.uint32), below
+
+
+def select_windows_chunked(scores_N, codes_fn, groups, counts, q: float, n: int, chunk: int):
+    """Per group code: the counts[g] rows (by ascending (score, row)) nearest rank q (n_g - 1).
+
+    `codes_fn(lo, hi)` gives the group code of rows lo..hi-1; `groups` = (code, n_g) pairs.
+    Returns sorted row indices; host memory is one chunk plus the selection.
+    """
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"percentile must lie in [0, 1], got {q}.")
+    plan = []  # (code, start, end) rank windows, end exclusive
+    for (code, size), k in zip(groups, counts, strict=True):
+        if k > 0:
+            start = 0 if k >= size else window_start(size, int(k), q)
+            plan.append((code, start, start + min(int(k), size)))
+    if not plan:
+        return np.zeros((0,), np.int64)
+    targets = [t for code, a, b in plan for t in ((code, a), (code, b - 1))]
+    value, below = _radix_select(scores_N, codes_fn, targets, n, chunk)
+    picked = []
+    seen_lo = np.zeros(len(plan), np.int64)  # ties already met at the window's first value
+    seen_hi = np.zeros(len(plan), np.int64)
+    for lo, hi in _chunks(n, chunk):
+        key = _sort_key(scores_N[lo:hi])
+        codes = codes_fn(lo, hi)
+        for j, (code, start, end) in enumerate(plan):
+            v_lo, v_hi = value[2 * j], value[2 * j + 1]
+            b_lo, b_hi = below[2 * j], below[2 * j + 1]
+            m = codes == code
+            keep = m & (key > v_lo) & (key < v_hi)
+            # Ties at an edge value are ranked by row: the i-th tie has rank below + i.
+            tie_lo = m & (key == v_lo)
+            r_lo = b_lo + seen_lo[j] + np.cumsum(tie_lo) - 1
+            keep |= tie_lo & (r_lo >= start) & (r_lo < end)
+            seen_lo[j] += int(tie_lo.sum())
+            if v_hi != v_lo:
+                tie_hi = m & (key == v_hi)
+                r_hi = b_hi + seen_hi[j] + np.cumsum(tie_hi) - 1
+                keep |= tie_hi & (r_hi < end)
+                seen_hi[j] += int(tie_hi.sum())
+            picked.append(lo + np.flatnonzero(keep))
+    return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
+def select_percentile_chunked(scores_N, k: int, q: float, chunk: int = 1 << 20) -> np.ndarray:
+    """`select_percentile` over a memmap of scores, one chunk at a time."""
+    n = int(scores_N.shape[0])
+    if k <= 0:
+        return np.zeros((0,), np.int64)
+    return select_windows_chunked(
+        scores_N, lambda lo, hi: np.zeros(hi - lo, np.int64), [(0, n)], [k], q, n, chunk
+    )
+
+
+def group_sizes_chunked(y_NxK, chunk: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted label codes present, their row counts), one chunk of labels at a time."""
+    k = y_NxK.shape[1]
+    counts = np.zeros(1 << k, np.int64)
+    for lo, hi in _chunks(int(y_NxK.shape[0]), chunk):
+        counts += np.bincount(label_groups(y_NxK[lo:hi]), minlength=1 << k)
+    present = np.flatnonzero(counts)
+    return present, counts[present]
+
+
+def select_boundary_chunked(scores_N, y_NxK, n: int, q: float, chunk: int = 1 << 20):
+    """`select_boundary` (the same rows) over memmaps of scores and labels, in chunks."""
+    rows = int(scores_N.shape[0])
+    codes, sizes = group_sizes_chunked(y_NxK, chunk)
+    budget_G = split_budget(sizes, n)
+    return select_windows_chunked(
+        scores_N,
+        lambda lo, hi: label_groups(y_NxK[lo:hi]),
+        list(zip(codes.tolist(), sizes.tolist(), strict=True)),
+        budget_G.tolist(),
+        q,
+        rows,
+        chunk,
+    )
 
 
 def retain_top(alpha_N, n_keep: int) -> np.ndarray:
@@ -137,6 +271,85 @@ def score_stage(
         scores.append(sc)
     n = len(stage)
     return np.asarray(jnp.concatenate(logits))[:n], np.asarray(jnp.concatenate(scores))[:n]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _el2n(model: RecModel, params, model_state, x_BxF, y_BxK):
+    logits_BxK = model.apply(params, model_state, x_BxF, train=False)[0]
+    return influence.el2n(logits_BxK, y_BxK)
+
+
+def score_to_memmap(
+    model: RecModel, params, model_state, stage: Stage, batch_size: int, path: str
+) -> np.ndarray:
+    """EL2N score of every row written batch by batch to a float32 memmap at `path` (.npy).
+
+    The same scores as `score_stage`; host memory: the batches in flight.
+    """
+    n = len(stage)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n,))
+    pending, start = None, 0
+
+    def flush(item):
+        lo, scores = item
+        hi = min(n, lo + scores.shape[0])
+        out[lo:hi] = np.asarray(scores)[: hi - lo]
+
+    for batch in loader.device_batches(stage, batch_size, shuffle=False, drop_remainder=False):
+        sc = _el2n(model, params, model_state, batch["x"], batch["y"])
+        if pending is not None:  # copy the previous batch while this one computes
+            flush(pending)
+        pending, start = (start, sc), start + batch_size
+    if pending is not None:
+        flush(pending)
+    out.flush()
+    return out
+
+
+class ScratchDir:
+    """A temporary folder (for score memmaps), removed on exit; under `root` if given."""
+
+    def __init__(self, root: str | None = None):
+        self.root = root
+
+    def __enter__(self) -> str:
+        if self.root:
+            os.makedirs(self.root, exist_ok=True)
+        self.path = tempfile.mkdtemp(prefix="diet-scores-", dir=self.root or None)
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def stage_selection(
+    model: RecModel,
+    teacher,
+    stage: Stage,
+    n: int,
+    q: float,
+    *,
+    grouped: bool,
+    batch_size: int = 4096,
+    chunk: int = 1 << 20,
+    scratch: str | None = None,
+) -> np.ndarray:
+    """EL2N rows of a stage under `teacher`, streamed: grouped (phase 1) or not (EL2N baseline)."""
+    with ScratchDir(scratch) as d:
+        scores = score_to_memmap(
+            model,
+            teacher.params,
+            teacher.model_state,
+            stage,
+            batch_size,
+            os.path.join(d, "el2n.npy"),
+        )
+        if grouped:
+            idx = select_boundary_chunked(scores, stage.y_NxK, n, q, chunk)
+        else:
+            idx = select_percentile_chunked(scores, n, q, chunk)
+        del scores
+    return idx
 
 
 def to_memory(
@@ -201,18 +414,21 @@ def boundary_memory(
     Returns the memory (new rows first, then retained rows) and a dict of counts for logging.
     """
     params, model_state = teacher.params, teacher.model_state
-    _, scores = score_stage(model, params, model_state, stage, batch_size)
-    y = np.asarray(stage.y_NxK)
     n_t = budget(len(stage), ratio)
-    idx = select_boundary(scores, y, n_t, percentile)
+    # Streamed: scores on a scratch memmap, selection in chunks (same rows as select_boundary).
+    idx = stage_selection(
+        model, teacher, stage, n_t, percentile, grouped=True, batch_size=batch_size
+    )
+    y = np.asarray(stage.y_NxK[idx])
     new = to_memory(
         model, params, model_state, stage.x_NxF[idx], origin=t, rows_N=idx, batch_size=batch_size
     )
-    info = {"n_t": n_t, "selected": int(idx.size), "groups": int(np.unique(label_groups(y)).size)}
+    groups = int(group_sizes_chunked(stage.y_NxK)[0].size)
+    info = {"n_t": n_t, "selected": int(idx.size), "groups": groups}
     if previous is None or not fusion or len(previous) == 0:
         info["retained"] = 0
         return new, info
-    targets = {"e": new.e_NxFxD, "y": jnp.asarray(y[idx], jnp.float32)}
+    targets = {"e": new.e_NxFxD, "y": jnp.asarray(y, jnp.float32)}
     alpha = retention_scores(
         model, params["dense"], model_state, previous, targets, chunk_size=chunk_size
     )

@@ -56,27 +56,26 @@ def selection_memory(method: str, config, store: StageStore, ref: ReferenceRun) 
         if method == "random":
             idx = baselines.random_rows(len(stage), n, seed)
         elif method == "el2n":
-            _, scores = phase1.score_stage(
-                ref.model, teacher.params, teacher.model_state, stage, bs
+            # Streamed: scores on a scratch memmap, the percentile window found in chunks.
+            idx = phase1.stage_selection(
+                ref.model, teacher, stage, n, ev.el2n_percentile, grouped=False, batch_size=bs
             )
-            idx = phase1.select_percentile(scores, n, ev.el2n_percentile)
         else:
-            # K-means on the rows' embeddings (flattened), on a seeded subsample if the stage is large.
-            pool = np.arange(len(stage))
-            if len(stage) > ev.kmeans_max_rows:
-                pool = np.sort(
-                    np.random.default_rng(seed).choice(
-                        len(stage), ev.kmeans_max_rows, replace=False
-                    )
-                )
-            rep = convert(stage.x_NxF[pool])
-            rep_NxD = np.asarray(rep.e_NxFxD).reshape(len(pool), -1)
-            del rep
-            idx = pool[
-                baselines.kmeans_rows(
-                    rep_NxD, n, k=ev.kmeans_clusters, iters=ev.kmeans_iters, seed=seed
-                )
-            ]
+            # K-means on the rows' embeddings (flattened), fitted on a seeded subsample of at
+            # most kmeans_max_rows rows; every row is then assigned in chunks.
+            def rep_fn(rows, stage=stage, convert=convert):
+                e = convert(stage.x_NxF[rows]).e_NxFxD
+                return np.asarray(e).reshape(len(rows), -1)
+
+            idx = baselines.kmeans_select(
+                rep_fn,
+                len(stage),
+                n,
+                k=ev.kmeans_clusters,
+                iters=ev.kmeans_iters,
+                seed=seed,
+                max_rows=ev.kmeans_max_rows,
+            )
         parts.append(convert(stage.x_NxF[idx], rows_N=idx))
     return memory_lib.concat(*parts)
 

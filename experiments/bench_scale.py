@@ -1,0 +1,271 @@
+"""Scale benchmark: the whole `main` pipeline on Taobao-format files of 1M, 4M, 16M lines.
+
+    nice -n 10 python experiments/bench_scale.py --root=/tmp/bench_scale --sizes=1e6,4e6,16e6
+
+For every size: `data/synthetic_taobao.py` writes `UserBehavior.csv` (fixed vocabularies: more
+lines = more interactions of the same 50k users and 200k items), then a subprocess runs
+`diet_jax.main` on `configs/taobao_synth.py` (the real Taobao reader) with a reduced evaluation
+(`BENCH_OVERRIDES`: one candidate backbone, DCN; methods warmup_start, random, el2n, kmeans, diet;
+2 epochs on the reduced rows). Inside the subprocess each phase is timed and its peak memory
+sampled every 0.2 s from /proc/self/status (VmRSS, and RssAnon = memory the process owns; the
+rest of VmRSS is file pages of the memmapped store, which the kernel can drop). Phases: preprocess
+(the reader), teacher, phase 1, phase 2 (the rest of the distillation), each selection
+baseline's selection, each method's candidate, report, other (startup, reference evaluation).
+The parent fits seconds ~ rows^b per phase (least squares in log-log), extrapolates to 100M lines
+on this CPU, and writes <root>/bench_scale.json and bench_scale.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "taobao_synth.py")
+BENCH_OVERRIDES = {
+    "evaluate.models": "('dcn',)",
+    "evaluate.methods": "('warmup_start','random','el2n','kmeans','diet')",
+    "evaluate.max_epochs": "2",
+    "progress": "False",
+}
+
+
+# ------------------------------------------------------------------ child: one pipeline run
+
+
+def _status_kb() -> tuple[int, int]:
+    rss = anon = 0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1])
+            elif line.startswith("RssAnon:"):
+                anon = int(line.split()[1])
+    return rss, anon
+
+
+class _Phases:
+    """A stack of phase names; a sampler thread charges memory to the innermost one."""
+
+    def __init__(self):
+        self.stack = ["other"]
+        self.seconds: dict[str, float] = {}
+        self.peak: dict[str, list[int]] = {}
+        self.lock = threading.Lock()
+        self.done = False
+
+    def sample(self):
+        rss, anon = _status_kb()
+        with self.lock:
+            p = self.peak.setdefault(self.stack[-1], [0, 0])
+            p[0], p[1] = max(p[0], rss), max(p[1], anon)
+
+    def loop(self):
+        while not self.done:
+            self.sample()
+            time.sleep(0.2)
+
+    def wrap(self, fn, name_fn):
+        def wrapped(*args, **kwargs):
+            name = name_fn(*args, **kwargs)
+            self.sample()
+            with self.lock:
+                self.stack.append(name)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - start
+                self.sample()
+                with self.lock:
+                    self.stack.pop()
+                    self.seconds[name] = self.seconds.get(name, 0.0) + dt
+                    # Nested phases (phase 1 inside the distillation) are not charged twice.
+                    if self.stack[-1] != "other":
+                        outer = self.stack[-1]
+                        self.seconds[outer] = self.seconds.get(outer, 0.0) - dt
+
+        return wrapped
+
+
+def child(argv: list[str]) -> None:
+    out_path = argv[0]
+    sys.argv = ["diet_jax.main", *argv[1:]]
+    from absl import app
+
+    from diet_jax import main as diet_main
+    from diet_jax import pipeline
+    from diet_jax.data import prepare
+    from diet_jax.distill import phase1
+    from diet_jax.evaluate import methods, protocol
+
+    ph = _Phases()
+    prepare.prepare = ph.wrap(prepare.prepare, lambda *a, **k: "preprocess")
+    pipeline.train_reference = ph.wrap(pipeline.train_reference, lambda *a, **k: "teacher")
+    pipeline.distill_driver.distill = ph.wrap(
+        pipeline.distill_driver.distill, lambda *a, **k: "phase2"
+    )
+    phase1.boundary_memory = ph.wrap(phase1.boundary_memory, lambda *a, **k: "phase1")
+    methods.selection_memory = ph.wrap(methods.selection_memory, lambda m, *a, **k: f"select_{m}")
+    protocol.run_candidate = ph.wrap(protocol.run_candidate, lambda m, *a, **k: f"candidate_{m}")
+    pipeline.report.write_report = ph.wrap(pipeline.report.write_report, lambda *a, **k: "report")
+    t0 = time.perf_counter()
+    thread = threading.Thread(target=ph.loop, daemon=True)
+    thread.start()
+    try:
+        app.run(diet_main.main)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+    finally:
+        ph.done = True
+        total = time.perf_counter() - t0
+        ph.seconds["other"] = total - sum(ph.seconds.values())
+        import resource
+
+        with open(out_path, "w") as f:
+            json.dump(
+                {
+                    "seconds": ph.seconds,
+                    "peak_rss_kb": {k: v[0] for k, v in ph.peak.items()},
+                    "peak_anon_kb": {k: v[1] for k, v in ph.peak.items()},
+                    "total_seconds": total,
+                    "ru_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                },
+                f,
+                indent=1,
+            )
+
+
+# ------------------------------------------------------------------ parent
+
+
+def _fit(rows: list[float], secs: list[float]) -> float:
+    import numpy as np
+
+    x, y = np.log(rows), np.log(np.maximum(secs, 1e-3))
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def run_size(lines: int, root: str) -> dict:
+    import importlib.util
+
+    sys.path.insert(0, ROOT)
+    from diet_jax.data import synthetic_taobao
+
+    spec = importlib.util.spec_from_file_location("cfg", CONFIG)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config(None)
+    work = os.path.join(root, f"rows_{lines}")
+    cfg.data.synth_rows = lines
+    cfg.data.data_dir = os.path.join(work, "raw")
+    start = time.perf_counter()
+    synthetic_taobao.ensure_csv(cfg.data, progress=False)
+    gen_s = time.perf_counter() - start
+    out = os.path.join(work, "phases.json")
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        out,
+        f"--config={CONFIG}",
+        f"--workdir={os.path.join(work, 'run')}",
+        f"--config.data.synth_rows={lines}",
+        f"--config.data.data_dir={cfg.data.data_dir}",
+        *[f"--config.{k}={v}" for k, v in BENCH_OVERRIDES.items()],
+    ]
+    env = dict(os.environ, PYTHONPATH=ROOT, DIET_JAX_CACHE=os.path.join(root, "jax_cache"))
+    log = os.path.join(work, "log.txt")
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if rc != 0:
+        raise RuntimeError(f"pipeline at {lines} lines failed (exit {rc}); see {log}")
+    res = json.load(open(os.path.join(work, "run", "results.json")))
+    phases = json.load(open(out))
+    phases.update(
+        lines=lines,
+        generate_seconds=gen_s,
+        wall_seconds=time.perf_counter() - start,
+        samples={s["name"]: s["rows"] for s in res.get("stages", [])},
+        results=[
+            {k: r[k] for k in ("method", "model", "auc", "train_seconds")} for r in res["results"]
+        ],
+        results_timings=res["timings"],
+        loadavg=os.getloadavg(),
+    )
+    json.dump(phases, open(out, "w"), indent=1)
+    return phases
+
+
+def table(runs: list[dict]) -> str:
+    rows = [r["lines"] for r in runs]
+    names = [n for n in runs[-1]["seconds"] if n != "other"] + ["other"]
+    head = " | ".join(f"{r / 1e6:g}M s" for r in rows)
+    lines = [
+        f"| phase | {head} | exponent | 100M s (extrapolated) | peak RSS MB | peak RssAnon MB |",
+        "|---|" + "---|" * len(rows) + "---|---|---|---|",
+    ]
+    for n in names:
+        secs = [r["seconds"].get(n, 0.0) for r in runs]
+        b = _fit(rows, secs)
+        ext = secs[-1] * (1e8 / rows[-1]) ** b
+        rss = "/".join(f"{r['peak_rss_kb'].get(n, 0) / 1024:.0f}" for r in runs)
+        anon = "/".join(f"{r['peak_anon_kb'].get(n, 0) / 1024:.0f}" for r in runs)
+        lines.append(
+            f"| {n} | " + " | ".join(f"{s:.1f}" for s in secs) + f" | {b:.2f} | {ext:.0f} | "
+            f"{rss} | {anon} |"
+        )
+    tot = [r["total_seconds"] for r in runs]
+    b = _fit(rows, tot)
+    lines.append(
+        "| **total** | "
+        + " | ".join(f"{s:.0f}" for s in tot)
+        + f" | {b:.2f} | {tot[-1] * (1e8 / rows[-1]) ** b:.0f} | "
+        + "/".join(f"{max(r['peak_rss_kb'].values()) / 1024:.0f}" for r in runs)
+        + " | "
+        + "/".join(f"{max(r['peak_anon_kb'].values()) / 1024:.0f}" for r in runs)
+        + " |"
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--root", default="/tmp/bench_scale")
+    p.add_argument("--sizes", default="1e6,4e6,16e6")
+    args = p.parse_args()
+    os.makedirs(args.root, exist_ok=True)
+    runs = []
+    for s in args.sizes.split(","):
+        lines = int(float(s))
+        path = os.path.join(args.root, f"rows_{lines}", "phases.json")
+        if os.path.exists(path) and "lines" in json.load(open(path)):
+            runs.append(json.load(open(path)))  # finished earlier: resume
+        else:
+            runs.append(run_size(lines, args.root))
+        r = runs[-1]
+        print(
+            f"{lines:>10,d} lines: {r['total_seconds']:.0f}s, peak RSS "
+            f"{max(r['peak_rss_kb'].values()) / 1024:.0f} MB (anon "
+            f"{max(r['peak_anon_kb'].values()) / 1024:.0f} MB), loadavg {r['loadavg']} (shared CPU)",
+            flush=True,
+        )
+    text = table(runs)
+    print(text)
+    json.dump(runs, open(os.path.join(args.root, "bench_scale.json"), "w"), indent=1)
+    with open(os.path.join(args.root, "bench_scale.md"), "w") as f:
+        f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2:])
+    else:
+        main()
