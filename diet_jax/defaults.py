@@ -28,9 +28,10 @@ def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
     c.model.mmoe.tower_hidden = (8,) if tiny else (64,)
     c.model.dcn = ml_collections.ConfigDict()
     c.model.dcn.num_cross_layers = 2 if tiny else 3
-    c.model.dcn.hidden = (32, 16) if tiny else (256, 128)
+    c.model.dcn.hidden = (32, 16) if tiny else (1024, 512, 256)
     c.model.dcn.use_bn = False
-    # Model zoo (README "Model zoo"): FuxiCTR's defaults where CPU-affordable, else scaled down.
+    # Model zoo (docs/models.md): every backbone at its reference size, FuxiCTR's model_zoo
+    # defaults (WuKong: FuxiCTR's, from the WuKong paper), with the paper's embedding dim 32.
     c.model.dcnv2 = ml_collections.ConfigDict()
     c.model.dcnv2.structure = "parallel"  # parallel | stacked | stacked_parallel | crossnet_only
     c.model.dcnv2.num_cross_layers = 2 if tiny else 3
@@ -49,22 +50,22 @@ def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
     c.model.finalnet.act = "none"  # reference default; FuxiCTR's tuned configs use relu
     c.model.finalnet.residual_type = "concat"  # concat | sum
     c.model.finalmlp = ml_collections.ConfigDict()
-    c.model.finalmlp.mlp1_hidden = (32, 16) if tiny else (512, 256)
-    c.model.finalmlp.mlp2_hidden = (32, 16) if tiny else (512, 256, 128)
+    c.model.finalmlp.mlp1_hidden = (32, 16) if tiny else (1024, 512)
+    c.model.finalmlp.mlp2_hidden = (32, 16) if tiny else (1024, 512, 256)
     c.model.finalmlp.use_bn = False
     c.model.finalmlp.use_fs = True
-    c.model.finalmlp.fs_hidden = (16,) if tiny else (512, 256)
+    c.model.finalmlp.fs_hidden = (16,) if tiny else (1024, 512)
     c.model.finalmlp.fs1_context = ()  # field indices; () = a learned context vector
     c.model.finalmlp.fs2_context = ()
     c.model.finalmlp.num_heads = 2
     c.model.finalmlp.fusion_dim = 8 if tiny else 16  # fusion outputs = the head's input
     c.model.wukong = ml_collections.ConfigDict()
     c.model.wukong.num_layers = 2 if tiny else 3
-    c.model.wukong.lcb_features = 4 if tiny else 16
-    c.model.wukong.fmb_features = 4 if tiny else 16
+    c.model.wukong.lcb_features = 4 if tiny else 40
+    c.model.wukong.fmb_features = 4 if tiny else 40
     c.model.wukong.rank_k = 4 if tiny else 8  # 0: vanilla FM X X^T
-    c.model.wukong.fmb_hidden = (16,) if tiny else (256,)
-    c.model.wukong.top_hidden = (16,) if tiny else (256, 128)
+    c.model.wukong.fmb_hidden = (16,) if tiny else (512, 256)
+    c.model.wukong.top_hidden = (16,) if tiny else (512, 256)
     c.model.wukong.top_bn = True
     c.model.wukong.layer_norm = True
 

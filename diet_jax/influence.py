@@ -13,6 +13,7 @@ Costs, with P parameters, B samples and C(B) the cost of one forward pass over B
     per_sample_grads     ~3 C(B) time and B x P memory: the reference path, slow for large P
     grad_dot             ~2-3 C(B) time, memory of one forward pass: no per-sample gradient
     grad_sum             ~3 C(B) (one ordinary backward pass)
+    linearize_losses     one forward pass shared by a grad_sum and any number of grad_dots
     pairwise             per-sample: both batches' per-sample gradients, B_a x B_b x P flops
     pairwise_ghost       Dense layers from layer inputs and output gradients (no B x P array);
                          other parameters by per-sample gradients
@@ -112,6 +113,28 @@ def grad_dot(loss_fn: LossFn, params, batch, direction, *, chunk_size: int | Non
         return dots(batch)
     out_CxS = jax.lax.map(dots, _chunk(batch, chunk_size))
     return out_CxS.reshape(-1)[:b]
+
+
+def linearize_losses(loss_fn: LossFn, params, batch):
+    """One forward pass over `batch`, shared by its gradient sums and its gradient dots.
+
+    Returns (losses_B, dots, grad_of_sum): `dots(direction)` equals `grad_dot(loss_fn, params,
+    batch, direction)` and `grad_of_sum(weights_B)` equals `grad_sum(loss_fn, params, batch,
+    weights_B)`, both evaluated on the linearization (jax.linearize) of the per-sample losses at
+    `params`: the primal pass is run once, whatever number of calls follow. The price is memory:
+    the linearization keeps the forward pass's activations for the whole batch (no chunking).
+    """
+    losses_B, jvp_fn = jax.linearize(lambda p: loss_fn(p, batch), params)
+    vjp_fn = jax.linear_transpose(jvp_fn, params)
+
+    def dots(direction):
+        return jvp_fn(jax.tree.map(lambda d, p: jnp.asarray(d, p.dtype), direction, params))
+
+    def grad_of_sum(weights_B=None):
+        w_B = jnp.ones_like(losses_B) if weights_B is None else weights_B.astype(losses_B.dtype)
+        return vjp_fn(w_B)[0]
+
+    return losses_B, dots, grad_of_sum
 
 
 # ------------------------------------------------------------------ pairwise A(x, z)

@@ -12,11 +12,24 @@ gradient over the memory (the same in every path). The real samples are then sco
   ghost   the explicit double sum of eq. 16: the B x B matrix `pairwise_ghost`, summed over x
           (only for B <= --ghost_max).
 
-"score" columns exclude the shared G_syn pass; "total" includes it. Model: the config's
-teacher (DCN + MMoE by default), dense parameters only, float32, jitted, median of --repeats
-calls after a warm-up call (compilation excluded).
+"score" columns exclude the shared G_syn pass; "total" includes it.
+
+"whole addressing" times DIET's full addressing step (distill/addressing.py), both directions:
+G_syn, Deficiency of the B real rows, the hard targets (--hard_fraction of B), G_hard and the
+Responsibility of the N memory rows, with chunks of --address_chunk rows (distill.chunk_size):
+
+  shared     `addressing.address`: the memory's forward pass shared by G_syn and Resp
+             (`influence.linearize_losses`), jvp scores;
+  separate   `hard_targets` then `active_memory`: the same sums, each with its own passes (the
+             formulation before the shared pass);
+  vmap       the same steps with both scores from materialized per-sample gradients.
+
+Model: the config's teacher (DCN + MMoE by default), dense parameters only, float32, jitted,
+median of --repeats calls after a warm-up call (compilation excluded); wall and CPU (process)
+seconds, since a shared CPU inflates wall time.
 """
 
+import os
 import time
 
 import jax
@@ -27,6 +40,7 @@ from ml_collections import config_flags
 
 from diet_jax import influence
 from diet_jax.data.store import FeatureMap
+from diet_jax.distill import addressing
 from diet_jax.models import build_model
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -37,16 +51,27 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per path (the median 
 _VMAP_CHUNK = flags.DEFINE_integer("vmap_chunk", 256, "Samples per chunk of per-sample gradients.")
 _GHOST_MAX = flags.DEFINE_integer("ghost_max", 1024, "Largest batch for the ghost double sum.")
 _JVP_CHUNK = flags.DEFINE_integer("jvp_chunk", 1024, "Rows per chunk of the G_syn pass and jvp.")
+_ADDRESS_CHUNK = flags.DEFINE_integer(
+    "address_chunk", 0, "Rows per chunk in the whole addressing step; 0 = distill.chunk_size."
+)
+_HARD_FRACTION = flags.DEFINE_float("hard_fraction", 0.1, "Hard targets per real batch.")
+_ACTIVE = flags.DEFINE_integer("active", 50, "Active memory rows (window x inner steps).")
 
 
 def timed(fn, *args, repeats: int) -> tuple[float, jax.Array]:
+    return timed_cpu(fn, *args, repeats=repeats)[:2]
+
+
+def timed_cpu(fn, *args, repeats: int) -> tuple[float, jax.Array, float]:
+    """(median wall seconds, output, median CPU seconds of this process)."""
     out = jax.block_until_ready(fn(*args))  # compile
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, c0 = time.perf_counter(), time.process_time()
         out = jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
-    return float(np.median(times)), out
+        cpu.append(time.process_time() - c0)
+    return float(np.median(times)), out, float(np.median(cpu))
 
 
 def main(_):
@@ -83,6 +108,52 @@ def main(_):
         out = jax.lax.map(dots, jax.tree.map(lambda a: a.reshape(-1, chunk, *a.shape[1:]), real))
         return out.reshape(b)
 
+    address_chunk = _ADDRESS_CHUNK.value or int(config.distill.chunk_size)
+
+    def psg_dots(w, batch, direction):
+        """<grad l_i, direction> from per-sample gradients, materialized chunk by chunk."""
+        b = batch["y"].shape[0]
+        c = min(chunk, b)
+
+        def dots(chunk_batch):
+            psg = jax.lax.optimization_barrier(influence.per_sample_grads(loss_fn, w, chunk_batch))
+            per_leaf = jax.tree.map(lambda g, v: jnp.tensordot(g, v, axes=v.ndim), psg, direction)
+            return sum(jax.tree.leaves(per_leaf))
+
+        return jax.lax.map(dots, influence._chunk(batch, c)).reshape(-1)[:b]
+
+    def make_address(mode, hard_size, active_size):
+        @jax.jit
+        def run(w, real, syn):
+            if mode == "shared":
+                hard_idx, active_idx, _ = addressing.address(
+                    loss_fn,
+                    w,
+                    real,
+                    syn,
+                    hard_size=hard_size,
+                    active_size=active_size,
+                    key=jax.random.key(0),
+                    chunk_size=address_chunk,
+                )
+                return hard_idx, active_idx
+            if mode == "separate":
+                hard_idx, _ = addressing.hard_targets(
+                    loss_fn, w, real, syn, hard_size, chunk_size=address_chunk
+                )
+                hard = jax.tree.map(lambda a: a[hard_idx], real)
+                active_idx, _ = addressing.active_memory(
+                    loss_fn, w, syn, hard, active_size, chunk_size=address_chunk
+                )
+                return hard_idx, active_idx
+            g_syn = influence.grad_sum(loss_fn, w, syn, chunk_size=address_chunk)
+            hard_idx = jax.lax.top_k(-psg_dots(w, real, g_syn), hard_size)[1]
+            hard = jax.tree.map(lambda a: a[hard_idx], real)
+            g_hard = influence.grad_sum(loss_fn, w, hard, chunk_size=address_chunk)
+            return hard_idx, jax.lax.top_k(psg_dots(w, syn, g_hard), active_size)[1]
+
+        return run
+
     @jax.jit
     def ghost_total(w, real, syn):
         return influence.pairwise_ghost(loss_fn, loss_fn, w, syn, real).sum(axis=0)
@@ -114,6 +185,32 @@ def main(_):
             f"ratio {t_vmap / t_jvp:5.1f}x  (rel. diff {err:.1e})\n"
             f"  total: jvp {(t_g + t_jvp) * 1e3:8.1f} ms  vmap {(t_g + t_vmap) * 1e3:9.1f} ms  "
             f"ratio {(t_g + t_vmap) / (t_g + t_jvp):5.1f}x"
+        )
+        hard_size = max(1, int(round(_HARD_FRACTION.value * size)))
+        active_size = min(_ACTIVE.value, size)
+        whole = {}
+        for mode in ("shared", "separate", "vmap"):
+            whole[mode] = timed_cpu(
+                make_address(mode, hard_size, active_size), params, real, syn, repeats=r
+            )
+        same = all(
+            bool(jnp.all(jnp.sort(a) == jnp.sort(b)))
+            for a, b in zip(whole["shared"][1], whole["separate"][1], strict=True)
+        )
+        overlap = float(jnp.mean(jnp.isin(whole["shared"][1][0], whole["vmap"][1][0])))
+        (t_sh, _, c_sh), (t_sep, _, c_sep), (t_vm, _, c_vm) = (
+            whole[m] for m in ("shared", "separate", "vmap")
+        )
+        print(
+            f"  whole addressing (hard {hard_size}, active {active_size}, chunk "
+            f"{address_chunk}; load {os.getloadavg()[0]:.1f}, shared CPU):\n"
+            f"    shared {t_sh * 1e3:8.1f} ms wall {c_sh * 1e3:8.1f} ms CPU\n"
+            f"    separate {t_sep * 1e3:6.1f} ms wall {c_sep * 1e3:8.1f} ms CPU\n"
+            f"    vmap {t_vm * 1e3:10.1f} ms wall {c_vm * 1e3:8.1f} ms CPU\n"
+            f"    ratio vmap / shared {t_vm / t_sh:5.1f}x wall {c_vm / c_sh:5.1f}x CPU; "
+            f"vmap / separate {t_vm / t_sep:5.1f}x wall {c_vm / c_sep:5.1f}x CPU\n"
+            f"    same selections shared = separate: {same}; hard targets shared in vmap's: "
+            f"{overlap:.2f}"
         )
         if size <= _GHOST_MAX.value:
             t_ghost, d_ghost = timed(ghost_total, params, real, syn, repeats=r)

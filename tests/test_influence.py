@@ -160,3 +160,47 @@ def test_ghost_rejects_params_not_at_the_root(problem):
         influence.pairwise_ghost(
             lambda p, b: loss(p["inner"], b), lambda p, b: loss(p["inner"], b), wrapped, real, real
         )
+
+
+def test_linearized_losses_equal_grad_dot_and_grad_sum(problem):
+    with jax.enable_x64(True):
+        loss, w, syn, v = problem["loss"], problem["w"], problem["syn"], problem["v"]
+        losses, dots, grad_of_sum = influence.linearize_losses(loss, w, syn)
+        np.testing.assert_allclose(losses, loss(w, syn), rtol=1e-12)
+        g = brute_grads(loss, w, syn)
+        assert rel_err(dots(v), g @ flat(v)) < 1e-9
+        assert rel_err(dots(v), influence.grad_dot(loss, w, syn, v)) < 1e-9
+        weights = jnp.array([1.0, 0.0, 2.0, 0.5], jnp.float64)
+        assert rel_err(flat(grad_of_sum(weights)), np.asarray(weights) @ g) < 1e-9
+        assert rel_err(flat(grad_of_sum()), g.sum(0)) < 1e-9
+
+
+def test_address_shared_pass_equals_separate_directions(problem):
+    """address() shares the memory's forward pass; hard_targets + active_memory do not."""
+    from diet_jax.distill import addressing
+
+    with jax.enable_x64(True):
+        loss, w, real, syn = problem["loss"], problem["w"], problem["real"], problem["syn"]
+        real_w = {**real, "w": jnp.array([1.0, 1.0, 0.0, 1.0, 1.0], jnp.float64)}
+        valid = jnp.array([True, True, False, True])
+        kw = dict(hard_size=2, active_size=2, key=jax.random.key(0), syn_valid_N=valid)
+        hard, active, stats = addressing.address(loss, w, real_w, syn, **kw)
+        # chunk_size < N: the separate path (hard_targets, then active_memory).
+        hard_c, active_c, stats_c = addressing.address(loss, w, real_w, syn, chunk_size=3, **kw)
+        want_hard, deficiency = addressing.hard_targets(loss, w, real, syn, 2, real_w["w"], valid)
+        batch_hard = jax.tree.map(lambda a: a[want_hard], real)
+        want_active, resp = addressing.active_memory(loss, w, syn, batch_hard, 2, valid)
+        for got in (hard, hard_c):
+            np.testing.assert_array_equal(np.sort(got), np.sort(want_hard))
+        for got in (active, active_c):
+            np.testing.assert_array_equal(np.sort(got), np.sort(want_active))
+        assert 2 not in np.asarray(hard) and 2 not in np.asarray(active)
+        for s in (stats, stats_c):
+            np.testing.assert_allclose(s["deficiency_mean"], jnp.mean(deficiency), rtol=1e-9)
+            np.testing.assert_allclose(
+                s["responsibility_mean"], jnp.sum(resp * valid) / 3, rtol=1e-9
+            )
+        # The double sums by brute force: the shared pass computes eq. 16 and 17 exactly.
+        a_SxR = brute_grads(loss, w, syn) @ brute_grads(loss, w, real).T
+        np.testing.assert_allclose(deficiency, (a_SxR * np.asarray(valid)[:, None]).sum(0), 1e-6)
+        np.testing.assert_allclose(resp, a_SxR[:, np.asarray(want_hard)].sum(1), rtol=1e-6)

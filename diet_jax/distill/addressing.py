@@ -6,6 +6,10 @@ largest Resp(x) = sum over the hard targets of A(x, z), the rows whose update ca
 loss on them. Each costs one batch gradient and one jvp (see `diet_jax.influence`). The plain
 variants of the paper's ablation draw a random subset of the same size instead.
 
+With both directions on, `address` runs the memory's forward pass once: the memory gradient of
+the deficiency and the memory scores of the responsibility come from one linearization
+(`influence.linearize_losses`), the same numbers as `hard_targets` then `active_memory`.
+
 All functions are traceable; `diet_jax.distill.bilevel` calls them inside its jitted step.
 """
 
@@ -36,8 +40,7 @@ def hard_targets(
     deficiency_B = influence.deficiency(
         loss_fn, loss_fn, params, real, syn, syn_valid_N, chunk_size=chunk_size
     )
-    ranked = deficiency_B if weights_B is None else jnp.where(weights_B > 0, deficiency_B, jnp.inf)
-    return jax.lax.top_k(-ranked, k)[1], deficiency_B
+    return _lowest(deficiency_B, k, weights_B), deficiency_B
 
 
 def active_memory(
@@ -46,8 +49,37 @@ def active_memory(
     """(indices [k] of the k memory rows with the largest responsibility, responsibility [N]);
     rows with `syn_valid_N` False are never picked."""
     resp_N = influence.responsibility(loss_fn, loss_fn, params, syn, hard, chunk_size=chunk_size)
+    return _highest(resp_N, k, syn_valid_N), resp_N
+
+
+def _lowest(deficiency_B, k, weights_B=None):
+    """Indices of the k smallest deficiencies among rows of positive weight."""
+    ranked = deficiency_B if weights_B is None else jnp.where(weights_B > 0, deficiency_B, jnp.inf)
+    return jax.lax.top_k(-ranked, k)[1]
+
+
+def _highest(resp_N, k, syn_valid_N=None):
+    """Indices of the k largest responsibilities among valid memory rows."""
     ranked = resp_N if syn_valid_N is None else jnp.where(syn_valid_N, resp_N, -jnp.inf)
-    return jax.lax.top_k(ranked, k)[1], resp_N
+    return jax.lax.top_k(ranked, k)[1]
+
+
+def _address_shared(
+    loss_fn, params, real, syn, hard_size, active_size, weights_B, syn_valid_N, chunk_size
+):
+    """Both directions on one linearization of the memory losses (one forward pass over it).
+
+    The same values as `hard_targets` then `active_memory`: G_syn is the linearization's
+    transpose applied to the validity weights, Resp its jvp in the direction G_hard.
+    """
+    _, syn_dots, syn_grad = influence.linearize_losses(loss_fn, params, syn)
+    g_syn = syn_grad(syn_valid_N)
+    deficiency_B = influence.grad_dot(loss_fn, params, real, g_syn, chunk_size=chunk_size)
+    hard_idx = _lowest(deficiency_B, hard_size, weights_B)
+    hard = jax.tree.map(lambda a: a[hard_idx], real)
+    g_hard = influence.grad_sum(loss_fn, params, hard, chunk_size=chunk_size)
+    resp_N = syn_dots(g_hard)
+    return hard_idx, deficiency_B, _highest(resp_N, active_size, syn_valid_N), resp_N
 
 
 def random_subset(key: jax.Array, n: int, k: int, valid_N=None) -> jax.Array:
@@ -89,6 +121,25 @@ def address(
             f"got {hard_size} and {active_size}."
         )
     stats = {}
+    if target_selection and memory_selection and (chunk_size is None or n <= chunk_size):
+        # Both directions: the memory's forward pass is shared (bounded by chunk_size rows).
+        hard_idx, deficiency_B, active_idx, resp_N = _address_shared(
+            loss_fn,
+            params,
+            batch_real,
+            syn,
+            hard_size,
+            active_size,
+            real.get("w"),
+            syn_valid_N,
+            chunk_size,
+        )
+        valid = jnp.ones_like(resp_N) if syn_valid_N is None else syn_valid_N.astype(resp_N.dtype)
+        stats["deficiency_mean"] = jnp.mean(deficiency_B)
+        stats["deficiency_hard"] = jnp.mean(deficiency_B[hard_idx])
+        stats["responsibility_mean"] = jnp.sum(resp_N * valid) / jnp.sum(valid)
+        stats["responsibility_active"] = jnp.mean(resp_N[active_idx])
+        return hard_idx, active_idx, stats
     if target_selection:
         hard_idx, deficiency_B = hard_targets(
             loss_fn,

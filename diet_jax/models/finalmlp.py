@@ -53,24 +53,32 @@ def _bilinear_init(key, shape, dtype=jnp.float32):
 
 
 class InteractionAggregation(nn.Module):
-    """Multi-head bilinear fusion of x_BxX and y_BxY into `features` outputs."""
+    """Multi-head bilinear fusion of x_BxX and y_BxY into `features` outputs.
+
+    Per head, t = x_h W_h is one matrix product with W_h viewed as (X/H, O * Y/H), and
+    out_o += sum_y t[o, y] y_h[y] a fused multiply-reduce: the same sums as the einsum
+    "bhx,hxoy,bhy->bo", without the head-major transposes of the activations that a batched
+    contraction over heads makes XLA insert.
+    """
 
     features: int
     num_heads: int = 2
 
     @nn.compact
     def __call__(self, x_BxX, y_BxY):
-        b, dx = x_BxX.shape
+        dx = x_BxX.shape[-1]
         dy = y_BxY.shape[-1]
-        h = self.num_heads
+        h, o = self.num_heads, self.features
         if dx % h or dy % h:
             raise ValueError(f"FinalMLP stream widths {dx}, {dy} must be divisible by {h} heads.")
-        out = dense(self.features, name="w_x")(x_BxX) + dense(self.features, name="w_y")(y_BxY)
-        w_HxXxOxY = self.param("w_xy", _bilinear_init, (h, dx // h, self.features, dy // h))
-        xh_BxHxX = x_BxX.reshape(b, h, dx // h)
-        yh_BxHxY = y_BxY.reshape(b, h, dy // h)
-        t_BxHxOxY = jnp.einsum("bhx,hxoy->bhoy", xh_BxHxX, w_HxXxOxY)
-        return out + jnp.einsum("bhoy,bhy->bo", t_BxHxOxY, yh_BxHxY)
+        out = dense(o, name="w_x")(x_BxX) + dense(o, name="w_y")(y_BxY)
+        w_HxXxOxY = self.param("w_xy", _bilinear_init, (h, dx // h, o, dy // h))
+        hx, hy = dx // h, dy // h
+        for i in range(h):
+            t_BxOY = x_BxX[:, i * hx : (i + 1) * hx] @ w_HxXxOxY[i].reshape(hx, o * hy)
+            y_Bx1xY = y_BxY[:, None, i * hy : (i + 1) * hy]
+            out = out + jnp.sum(t_BxOY.reshape(-1, o, hy) * y_Bx1xY, axis=-1)
+        return out
 
 
 class FinalMLP(nn.Module):

@@ -15,9 +15,27 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from diet_jax.models.layers import MLP, dense, layer_norm
+from diet_jax.models.layers import LN_EPSILON, MLP, dense, layer_norm
+
+
+class LayerNormAxis(nn.Module):
+    """LayerNorm over the last axis, flax's nn.LayerNorm formulas (fast variance, eps 1e-5).
+
+    The reciprocal standard deviation multiplies at the reduced shape, not folded into the scale
+    first: flax's rsqrt * scale is a full-size array that XLA materializes in the backward pass.
+    """
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,))
+        bias = self.param("bias", nn.initializers.zeros, (d,))
+        mean = jnp.mean(x, -1, keepdims=True)
+        var = jnp.maximum(jnp.mean(jnp.square(x), -1, keepdims=True) - jnp.square(mean), 0.0)
+        return (x - mean) * jax.lax.rsqrt(var + LN_EPSILON) * scale + bias
 
 
 class FactorizationMachineBlock(nn.Module):
@@ -58,7 +76,7 @@ class WuKongLayer(nn.Module):
             out = out + x_BxNxD
         else:
             out = out + jnp.swapaxes(dense(n_out, name="residual")(x_BxDxN), 1, 2)
-        return layer_norm(name="ln")(out) if self.layer_norm else out
+        return LayerNormAxis(name="ln")(out) if self.layer_norm else out
 
 
 class WuKong(nn.Module):
