@@ -105,6 +105,9 @@ def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
     c.distill.active_size = 0  # active memory rows; 0 = window x inner_steps (paper A.3)
     c.distill.batch_size = 0  # real minibatch; 0 = train.batch_size
     # Ablation switches (paper Table 4); off = the plain variant (no fusion / random subsets).
+    # Memory fusion's retention at t > 1: "paper" keeps n_t old rows; "cumulative" keeps the
+    # earlier budgets (D_syn^T as large as the selection baselines' rows).
+    c.distill.retention = "paper"
     c.distill.memory_fusion = True
     c.distill.target_selection = True
     c.distill.memory_selection = True

@@ -1,0 +1,77 @@
+"""The distillation study (docs/distillation.md "Study"): groups of DIET variants vs Random.
+
+    nice -n 10 python experiments/study_distill.py --group=percentile --models=dcn --seeds=0
+    nice -n 10 python experiments/study_distill.py --group=confirm --models=dcn,finalnet,wukong \
+        --seeds=0,1
+
+Every variant runs through `study_harness.run_variant` (shared store and teacher under --root,
+results cached there, VALIDATION AUC only) and each group's table is written to
+`<root>/<group>.md` and printed. A variant is (name, overrides of the base config); the names
+are cache keys, so a group rerun only computes what is missing.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+import study_harness as H
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/synthetic.py", "Config file.", lock_config=True
+)
+_ROOT = flags.DEFINE_string("root", "/tmp/study/h", "Harness root.")
+_GROUP = flags.DEFINE_string("group", "percentile", "Variant group (see GROUPS).")
+_MODELS = flags.DEFINE_string("models", "dcn", "Candidate backbones.")
+_SEEDS = flags.DEFINE_string("seeds", "0", "Seeds.")
+_FINETUNE = flags.DEFINE_bool("finetune", False, "Score after the subsequent-block fine-tune.")
+
+P = "distill.percentile"
+IT = "distill.outer_iterations"
+LR = "distill.meta_lr_embed"
+
+GROUPS = {
+    # Phase 1 alone (one outer iteration ~ no refinement): the EL2N percentile.
+    "percentile": [
+        ("it1", {IT: 1}),
+        ("it1_p70", {IT: 1, P: 0.7}),
+        ("it1_p50", {IT: 1, P: 0.5}),
+        ("it1_p30", {IT: 1, P: 0.3}),
+    ],
+    # Phase 2 at the old budget (20 iterations): step size, what is learned, the meta-loss.
+    "refine": [
+        ("default", {}),
+        ("p50_it20", {P: 0.5}),
+        ("p50_lre3", {P: 0.5, LR: 3e-3}),
+        ("p50_nolab", {P: 0.5, "distill.learn_labels": False}),
+        ("p50_labonly", {P: 0.5, LR: 1e-9}),
+        ("p50_lre3_hf1", {P: 0.5, LR: 3e-3, "distill.hard_fraction": 1.0}),
+        ("p50_teach", {P: 0.5, "distill.influence_at": "teacher"}),
+    ],
+    # Memory fusion's retention rule at t > 1.
+    "retention": [
+        ("it1_p50", {IT: 1, P: 0.5}),
+        ("p50_cum_it1", {IT: 1, P: 0.5, "distill.retention": "cumulative"}),
+    ],
+}
+
+
+def main(_):
+    logging.set_verbosity(logging.WARNING)
+    sh = H.setup(_CONFIG.value, _ROOT.value)
+    models, seeds = _MODELS.value.split(","), [int(s) for s in _SEEDS.value.split(",")]
+    key = "val_auc_ft" if _FINETUNE.value else "val_auc_rows"
+    parts = [f"## {_GROUP.value} ({key}; models {models}; seeds {seeds})"]
+    for name, overrides in GROUPS[_GROUP.value]:
+        rows = H.run_variant(sh, name, overrides, models, seeds, finetune=_FINETUNE.value)
+        parts.append(H.format_summary(f"{name} {overrides}", H.summary(rows, name, key)))
+        print(parts[-1], flush=True)
+    text = "\n\n".join(parts) + f"\n\n(load {os.getloadavg()[0]:.1f}, shared CPU)\n"
+    path = os.path.join(sh.root, f"{_GROUP.value}.md")
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+if __name__ == "__main__":
+    app.run(main)
