@@ -12,10 +12,9 @@ are cache keys, so a group rerun only computes what is missing.
 
 import os
 
+import study_harness as H
 from absl import app, flags, logging
 from ml_collections import config_flags
-
-import study_harness as H
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/synthetic.py", "Config file.", lock_config=True

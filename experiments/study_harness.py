@@ -29,11 +29,11 @@ import time
 import jax
 import numpy as np
 
-from diet_jax.models import BACKBONES, build_model
 from diet_jax.data import prepare
 from diet_jax.distill import driver
 from diet_jax.distill import memory as memory_lib
 from diet_jax.evaluate import methods, protocol, sweep
+from diet_jax.models import BACKBONES, build_model
 from diet_jax.train.reference import train_reference
 
 jax.config.update(

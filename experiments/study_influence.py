@@ -19,14 +19,13 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import study_harness as H
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diet_jax import influence
 from diet_jax.distill import driver
 from diet_jax.distill import memory as memory_lib
-
-import study_harness as H
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/synthetic.py", "Config file.")
 _ROOT = flags.DEFINE_string("root", "/tmp/study/h", "Harness root.")
