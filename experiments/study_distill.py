@@ -29,6 +29,9 @@ P = "distill.percentile"
 IT = "distill.outer_iterations"
 LR = "distill.meta_lr_embed"
 
+# The study's chosen phase 1, meta step and meta-loss, the base of the budget curve.
+BASE = {P: 0.5, LR: 3e-3, "distill.hard_fraction": 1.0, "distill.retention": "cumulative"}
+
 GROUPS = {
     # Phase 1 alone (one outer iteration ~ no refinement): the EL2N percentile.
     "percentile": [
@@ -46,6 +49,20 @@ GROUPS = {
         ("p50_labonly", {P: 0.5, LR: 1e-9}),
         ("p50_lre3_hf1", {P: 0.5, LR: 3e-3, "distill.hard_fraction": 1.0}),
         ("p50_teach", {P: 0.5, "distill.influence_at": "teacher"}),
+    ],
+    # Quality against budget, at the chosen phase 1 / step / meta-loss (cumulative retention).
+    "budget": [
+        ("p50_cum_it1", {IT: 1, P: 0.5, "distill.retention": "cumulative"}),
+        ("b_it20", {**BASE, IT: 20}),
+        ("b_it60", {**BASE, IT: 60}),
+        ("b_it150", {**BASE, IT: 150}),
+        ("b_it20_a200", {**BASE, IT: 20, "distill.active_size": 200}),
+        ("b_it20_m20w10", {**BASE, IT: 20, "distill.inner_steps": 20, "distill.window": 10}),
+    ],
+    # Before / after on every backbone (add --seeds=0,1 --models=dcn,dcnv2,finalnet,finalmlp,wukong).
+    "confirm": [
+        ("default", {}),
+        ("chosen", {**BASE, IT: 10}),
     ],
     # Memory fusion's retention rule at t > 1.
     "retention": [
