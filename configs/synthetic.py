@@ -39,6 +39,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.test_rows = 25_000
     c.data.popularity_shift = 0.05  # fraction of each field's rank->id map permuted per stage
     c.data.preference_drift = 0.1  # AR(1) step of the latent preferences per stage
+    c.data.interaction_drift = 0.3  # AR(1) step of the task interaction matrices per stage
+    # What makes history matter (docs/configuration.md, "The synthetic stream"): a returning
+    # cohort of tail ids, active in the historical stages, absent from the subsequent block,
+    # back on the validation and test days with the preferences they had.
+    c.data.history_fields = ("user", "item")  # fields that have a returning cohort
+    c.data.history_cohort = 0.3  # fraction of each such field's tail ids in the cohort
+    c.data.cohort_head = 200  # the most popular ranks never join the cohort
+    c.data.cohort_return_share = 0.4  # share of val/test rows whose id comes from the cohort
     c.data.chunk_rows = 262_144  # generation chunk: bounds memory for any stream size
 
     if tiny:
@@ -47,5 +55,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.subsequent_rows = 3_000
         c.data.validation_rows = 3_000
         c.data.test_rows = 3_000
+        c.data.cohort_head = 10
         c.data.chunk_rows = 2_500  # several chunks per stage, so chunking is exercised
     return c

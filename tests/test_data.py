@@ -129,3 +129,21 @@ def test_loader_batches_are_deterministic_and_cover_the_stage(tiny_store):
         loader.iterate(loader.batch_dataset(stage, 512, shuffle=False, drop_remainder=True))
     )
     assert len(dropped) == len(stage) // 512
+
+
+def test_returning_cohort_skips_the_subsequent_block(tiny_config, tiny_store):
+    """History matters: cohort ids occur in history, never in the subsequent block, and come
+    back on the test day in at least the configured share of rows."""
+    c = tiny_config.data
+    cohort = synthetic.returning_cohort(c)
+    assert set(cohort) == set(c.history_fields)
+    for name, ids in cohort.items():
+        f = c.field_names.index(name)
+        assert ids.size > 0
+        col = {
+            s: np.asarray(tiny_store.stage(s).x_NxF)[:, f]
+            for s in ("stage_1", "subsequent", "test")
+        }
+        assert np.isin(col["stage_1"], ids).mean() > 0.02
+        assert not np.isin(col["subsequent"], ids).any()
+        assert np.isin(col["test"], ids).mean() >= 0.8 * c.cohort_return_share

@@ -6,10 +6,10 @@ import os
 
 from absl import logging
 
-from diet_jax.data import kuairand, movielens, synthetic, taobao, tmall
+from diet_jax.data import kuairand, movielens, synthetic, synthetic_taobao, taobao, tmall
 from diet_jax.data.store import StageStore
 
-SOURCES = ("synthetic", "taobao", "tmall", "kuairand", "movielens")
+SOURCES = ("synthetic", "taobao", "tmall", "kuairand", "movielens", "taobao_synth")
 # Real-data readers: each raises FileNotFoundError naming the missing raw file, where to get it
 # and where to put it.
 _READERS = {
@@ -17,6 +17,7 @@ _READERS = {
     "tmall": tmall.build,
     "kuairand": kuairand.build,
     "movielens": movielens.build,
+    "taobao_synth": synthetic_taobao.build,  # generates UserBehavior.csv, then the real reader
 }
 
 
