@@ -50,10 +50,12 @@ class Shared:
     ref: object
 
 
-def setup(config, root: str) -> Shared:
+def setup(config, root: str, lr: float = 0.0) -> Shared:
     """The stage store and teacher under <root>/shared (trained once, restored afterwards)."""
     cfg = config.copy_and_resolve_references()
     cfg.progress = False
+    if lr:
+        cfg.evaluate.learning_rate = lr  # candidates' Adam step on the rows
     shared = os.path.join(root, "shared")
     cfg.data.store_dir = cfg.data.store_dir or os.path.join(shared, "data")
     cfg.teacher.checkpoint_dir = cfg.teacher.checkpoint_dir or os.path.join(shared, "teacher")
@@ -166,6 +168,7 @@ def run_variant(
     seeds,
     finetune: bool = False,
     with_random: bool = True,
+    same_size: bool = True,
 ) -> list[dict]:
     """Scores DIET under `overrides` (and Random) for every model x seed; cached."""
     path, cached = _cache(sh.root)
@@ -177,7 +180,7 @@ def run_variant(
         if with_random:
             rnd = random_memory(sh, seed)
             todo.append(("random", "random", rnd))
-            if len(mem) < len(rnd):
+            if same_size and len(mem) < len(rnd):
                 todo.append(("random_same", f"random_n{len(mem)}", subsample(rnd, len(mem), seed)))
         for method, variant, m in todo:
             for model_name in models:

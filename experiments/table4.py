@@ -15,15 +15,15 @@ over models.
 import os
 
 import numpy as np
+import study_harness as H
 from absl import app, flags, logging
 from ml_collections import config_flags
-
-import study_harness as H
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/synthetic.py", "Config file.", lock_config=True
 )
 _ROOT = flags.DEFINE_string("root", "runs/table4", "Harness root (shared teacher, caches).")
+_LR = flags.DEFINE_float("lr", 0.0, "Candidates' learning rate on the rows (0: config).")
 _MODELS = flags.DEFINE_string("models", "dcn,finalnet,wukong", "Candidate models.")
 _SEEDS = flags.DEFINE_string("seeds", "0,1", "Seeds.")
 _FINETUNE = flags.DEFINE_bool("finetune", True, "Score after the subsequent-block fine-tune.")
@@ -40,7 +40,7 @@ VARIANTS = (
 
 def main(_):
     logging.set_verbosity(logging.WARNING)
-    sh = H.setup(_CONFIG.value, _ROOT.value)
+    sh = H.setup(_CONFIG.value, _ROOT.value, _LR.value)
     models, seeds = _MODELS.value.split(","), [int(s) for s in _SEEDS.value.split(",")]
     key = "val_auc_ft" if _FINETUNE.value else "val_auc_rows"
     scores = {}  # variant -> {(model, seed): auc}
@@ -52,7 +52,9 @@ def main(_):
             "distill.memory_selection": ms,
         }
         rows = H.run_variant(sh, name, overrides, models, seeds, finetune=_FINETUNE.value)
-        scores[(mf, ts, ms)] = {(r["model"], r["seed"]): r[key] for r in rows if r["method"] == "diet"}
+        scores[(mf, ts, ms)] = {
+            (r["model"], r["seed"]): r[key] for r in rows if r["method"] == "diet"
+        }
         scores["random"] = {
             (r["model"], r["seed"]): r[key] for r in rows if r["method"] == "random"
         }
