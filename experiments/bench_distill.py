@@ -132,6 +132,7 @@ def main(_):
         f"distillation per stage at outer_iterations={dc.outer_iterations} (extrapolated "
         f"from {len(times)}): {stage_s:.1f} s = {stage_s / epoch_s:.2f}x the full-data epoch"
     )
+    print(f"load average {os.getloadavg()[0]:.1f} (shared CPU)")
     print(
         f"outer iterations that fit in one epoch after phase 1: "
         f"{max(0.0, (epoch_s - phase1_s) / per_it):.0f}"

@@ -345,3 +345,17 @@ def test_bad_distill_config_is_rejected(tiny_store, teacher_run, tmp_path):
     cfg.distill.window = cfg.distill.inner_steps + 1
     with pytest.raises(ValueError, match="window"):
         driver.distill(cfg, tiny_store, ref, str(tmp_path))
+
+
+def test_memory_sizes_follow_the_retention_rule():
+    cfg = load_config("synthetic", "tiny")
+    cfg.ratio = 0.1
+    cfg.distill.retention = "paper"
+    assert driver.memory_sizes(cfg, [100, 200, 100]) == [10, 30, 20]  # n_t + n_t retained
+    cfg.distill.retention = "cumulative"
+    assert driver.memory_sizes(cfg, [100, 200, 100]) == [10, 30, 40]  # sum of the budgets
+    cfg.distill.memory_fusion = False
+    assert driver.memory_sizes(cfg, [100, 200, 100]) == [10, 20, 10]
+    cfg.distill.retention = "all"
+    with pytest.raises(ValueError, match="retention"):
+        driver.check_config(cfg.distill)

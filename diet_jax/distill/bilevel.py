@@ -232,7 +232,8 @@ def make_outer_step(model: RecModel, cfg: BilevelConfig, tx: optax.GradientTrans
             hard_size=cfg.hard_size,
             active_size=cfg.active_size,
             key=k_address,
-            target_selection=cfg.target_selection,
+            # Every real sample is a target when hard_size covers the batch: no ranking needed.
+            target_selection=cfg.target_selection and cfg.hard_size < e_real.shape[0],
             memory_selection=cfg.memory_selection,
             syn_valid_N=valid,
             chunk_size=cfg.chunk_size,

@@ -105,6 +105,10 @@ def check_config(dc) -> None:
     for key in ("inner_lr", "meta_lr_embed", "meta_lr_labels"):
         if dc[key] <= 0:
             raise ValueError(f"config.distill.{key} must be positive, got {dc[key]}.")
+    if dc.retention not in RETENTION:
+        raise ValueError(
+            f"config.distill.retention must be one of {RETENTION}, got {dc.retention!r}."
+        )
     if dc.influence_at not in bilevel.INFLUENCE_AT:
         raise ValueError(
             f"config.distill.influence_at must be one of {bilevel.INFLUENCE_AT}, "
@@ -116,13 +120,25 @@ def real_batch_size(config) -> int:
     return config.distill.batch_size or config.train.batch_size
 
 
+RETENTION = ("paper", "cumulative")
+
+
+def retained_rows(config, n_t: int, earlier: int) -> int:
+    """Rows memory fusion keeps from D_syn^{t-1} at stage t, given n_t and the budgets of the
+    earlier stages summed (`earlier`): n_t (`retention = "paper"`, appendix A.3) or `earlier`
+    (`"cumulative"`: D_syn^t holds sum_{s<=t} n_s rows, as many as the selection baselines)."""
+    if not config.distill.memory_fusion:
+        return 0
+    return n_t if config.distill.retention == "paper" else earlier
+
+
 def memory_sizes(config, stage_rows: list[int]) -> list[int]:
-    """Rows of D_syn^t for t = 1..T: n_t new rows plus, with fusion, n_t retained ones."""
-    sizes, previous = [], 0
+    """Rows of D_syn^t for t = 1..T: n_t new rows plus, with fusion, the retained ones."""
+    sizes, previous, earlier = [], 0, 0
     for rows in stage_rows:
         n = phase1.budget(rows, config.ratio)
-        sizes.append(n + (min(n, previous) if config.distill.memory_fusion else 0))
-        previous = sizes[-1]
+        sizes.append(n + min(retained_rows(config, n, earlier), previous))
+        previous, earlier = sizes[-1], earlier + n
     return sizes
 
 
@@ -385,7 +401,11 @@ def distill(
     records = stage_records(config, getattr(ref, "fingerprint", None), len(ref.stage_names))
     nan_policy = config.train.get("nan_policy", "stop")
     inject = inject_nan_step(config.train, "distill")
+    earlier = 0  # budgets n_s of the stages before t, summed
     for t, name in enumerate(ref.stage_names, start=1):
+        n_t = phase1.budget(rows[name], config.ratio)
+        retain = retained_rows(config, n_t, earlier)
+        earlier += n_t
         final_path = memory_path(root, t)
         init_path = os.path.join(stage_dir(root, t), "init")
         init_record, record = records[t - 1]
@@ -419,6 +439,7 @@ def distill(
                 fusion=dc.memory_fusion,
                 batch_size=config.train.eval_batch_size,
                 chunk_size=dc.chunk_size or 4096,
+                retain=retain,
             )
             _save_memory(init_path, memory0, init_record)
             info.update(p1)

@@ -408,8 +408,10 @@ def boundary_memory(
     fusion: bool = True,
     batch_size: int = 4096,
     chunk_size: int = 4096,
+    retain: int | None = None,
 ) -> tuple[Memory, dict]:
     """D_syn^t before refinement. `teacher` is phi_t (a TrainState: .params, .model_state).
+    `retain`: rows kept from `previous` (default n_t, the paper's rule).
 
     Returns the memory (new rows first, then retained rows) and a dict of counts for logging.
     """
@@ -432,6 +434,6 @@ def boundary_memory(
     alpha = retention_scores(
         model, params["dense"], model_state, previous, targets, chunk_size=chunk_size
     )
-    keep = retain_top(np.asarray(alpha), n_t)
+    keep = retain_top(np.asarray(alpha), n_t if retain is None else retain)
     info["retained"] = int(keep.size)
     return memory_lib.concat(new, memory_lib.take(previous, keep)), info
