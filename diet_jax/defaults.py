@@ -130,7 +130,12 @@ def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
     c.evaluate.lr_grid = (1e-3, 1e-2) if tiny else (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 2e-2)
     c.evaluate.learning_rate = 3e-3 if tiny else 1e-3  # used when lr_grid is ()
     c.evaluate.max_epochs = 3 if tiny else 8  # epochs on the reduced rows; best by validation AUC
-    c.evaluate.val_rows = 0  # validation rows scored per epoch (seeded subsample); 0 = all
+    # Groups of rows trainings (the LR grid, the seeds) as one vmapped model ("vmap"), one after
+    # another ("sequential"), or "auto": vmap on an accelerator, sequential on the CPU.
+    c.evaluate.group_mode = "auto"
+    # Validation rows scored after every rows epoch (a seeded subsample; 0 = all): the epoch and
+    # learning-rate selection scores (grid + seeds) x epochs models, so the full day is costly.
+    c.evaluate.val_rows = 0 if tiny else 8192
     c.evaluate.bootstrap = 1000  # bootstrap resamples of the rank correlations (0 = none)
     c.evaluate.rows_batch_size = 64 if tiny else 256
     c.evaluate.el2n_percentile = 0.9  # the EL2N baseline keeps the rows around this score rank

@@ -124,7 +124,7 @@ def train_rows_group(
     lrs_G: list[float],
     val: ValidationRows,
     config,
-    vmapped: bool = True,
+    vmapped: bool | None = None,
     pad_to: int = 0,
 ) -> dict:
     """Trains G fresh dense networks on rows for evaluate.max_epochs epochs as one vmapped group.
@@ -132,13 +132,16 @@ def train_rows_group(
     Member g starts from init_dense(key(seeds_G[g])), shuffles with default_rng(seeds_G[g]) and
     uses Adam at lrs_G[g] on rows_G[g] (one shared array when every member has the same rows).
     After every epoch the whole group is scored on the validation rows and each member keeps its
-    best epoch. `vmapped=False` trains the members one after another (the reference).
+    best epoch. `vmapped=False` trains the members one after another (the reference); None
+    follows evaluate.group_mode.
     `pad_to`: rows padded to this many (never drawn; their batches are no-ops), so that methods
     with different row counts share one compiled epoch.
     Returns {"params", "state" (stacked, best epochs), "val_auc" [G, E], "best_epoch" [G],
     "seconds" (training only, the whole group), "samples" (per member), "compiles"}.
     """
     ev = config.evaluate
+    if vmapped is None:
+        vmapped = group_vmapped(config)
     g_count = len(seeds_G)
     shared = all(r is rows_G[0] for r in rows_G)
     n = int(np.asarray(rows_G[0]["e"]).shape[0])
@@ -221,6 +224,19 @@ def train_rows_group(
         "samples": int(ev.max_epochs) * n,
         "losses": losses,
     }
+
+
+def group_vmapped(config) -> bool:
+    """evaluate.group_mode: "vmap", "sequential", or "auto" (vmap on an accelerator; members one
+    after another on the CPU, where the vmapped group measured slower: docs/evaluation.md)."""
+    mode = config.evaluate.get("group_mode", "auto")
+    if mode not in ("auto", "vmap", "sequential"):
+        raise ValueError(
+            f"config.evaluate.group_mode must be auto, vmap or sequential, got {mode!r}."
+        )
+    if mode == "auto":
+        return jax.devices()[0].platform != "cpu"
+    return mode == "vmap"
 
 
 def _val_auc(val: ValidationRows, logits_NxK: np.ndarray) -> float:
