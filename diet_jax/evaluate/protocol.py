@@ -311,7 +311,10 @@ def _warm_up(trainer, train_state, stage, batch_size: int, sharding=None) -> Non
     if id(trainer) in _WARM:
         return
     batch = next(iter(loader.device_batches(stage, batch_size, shuffle=False, sharding=sharding)))
-    jax.block_until_ready(trainer.step(_copy(train_state), batch))
+    # Two steps: a step's output state may be placed differently from the state it was given
+    # (committed), and the second step compiles for that signature.
+    state, _ = trainer.step(_copy(train_state), batch)
+    jax.block_until_ready(trainer.step(state, batch))
     _WARM.add(id(trainer))
 
 
@@ -467,7 +470,14 @@ def run_seeds(
         params = {"embed": teacher_embed, "dense": group.unstack(res["params"], g)}
         t: dict = {}
         test, seconds, samples = finetune_and_test(
-            model, params, group.unstack(res["state"], g), store, config, seed, subsequent, t
+            model,
+            params,
+            group.unstack(res["state"], g),
+            store,
+            config,
+            seed,
+            subsequent,
+            timings=t,
         )
         info = {
             "seed": seed,
