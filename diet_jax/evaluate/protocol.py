@@ -339,6 +339,10 @@ def finetune_and_test(
         shard = config.parallel.shard_embeddings
         shardings = parallel.state_shardings(train_state, mesh, shard_embeddings=shard)
         train_state = parallel.put(train_state, shardings)
+    else:
+        # Every leaf committed to one device, whatever made it (a restored teacher table, a
+        # fresh init, a group's output): one compiled step, warmed once, serves every method.
+        train_state = jax.device_put(train_state, jax.local_devices()[0])
     rows = parallel.batch_sharding(mesh)
     step = trainer.step
     _warm_up(trainer, train_state, store.stage(stages[0]), config.train.batch_size, rows)
