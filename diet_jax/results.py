@@ -3,17 +3,23 @@
     {"dataset": str, "ratio": float, "devices": int,
      "stages": [{"name", "role", "rows"}, ...],
      "results": [{"method", "model", "auc", "logloss", "per_task": {task: {"auc", "logloss"}},
-                  "train_seconds", "train_samples"}, ...],
+                  "train_seconds", "train_samples",
+                  # candidates (evaluate.candidates x evaluate.seeds) also carry:
+                  "backbone", "auc_std", "logloss_std", "seeds", "per_seed": [...],
+                  "historical_seconds", "finetune_seconds"}, ...],
      "fidelity": {...}, "timings": {...}}
 
 Methods: reference (the teacher itself), full_data, cold_start, warmup_start, random, kmeans,
-el2n, diet. Models: dcn, dcnv2, finalnet, finalmlp, wukong. A rerun updates entries in place,
-keyed by (method, model).
+el2n, diet. "model" is the candidate's name (the base candidates are named after their
+backbones: dcn, dcnv2, finalnet, finalmlp, wukong). A rerun updates entries in place, keyed by
+(method, model); "auc" and the other metrics are means over the entry's seeds.
 """
 
 from __future__ import annotations
 
 import os
+
+import numpy as np
 
 from diet_jax.io_utils import atomic_write_json, read_json
 
@@ -72,6 +78,49 @@ def entry(method: str, model: str, m: dict, train_seconds: float, train_samples:
         "train_seconds": float(train_seconds),
         "train_samples": int(train_samples),
     }
+
+
+def seed_entry(method: str, model: str, backbone: str, per_seed: list[dict]) -> dict:
+    """One (method, candidate) entry from its per-seed runs: means, plus "auc_std", "seeds",
+    "per_seed" [{"seed", "auc", "logloss", "train_seconds", "train_samples", ...}].
+
+    Every `entry` key keeps its meaning, as the mean over seeds ("auc", "logloss", "per_task",
+    "train_seconds"); standard deviations use ddof=1 (0.0 for one seed).
+    """
+    if not per_seed:
+        raise ValueError(f"No seeds for {method}/{model}.")
+
+    def stats(values):
+        v = np.asarray(values, np.float64)
+        return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+    tasks = list(per_seed[0]["per_task"])
+    per_task = {
+        t: {k: stats([p["per_task"][t][k] for p in per_seed])[0] for k in ("auc", "logloss")}
+        for t in tasks
+    }
+    mean_metrics = {
+        "auc": stats([p["auc"] for p in per_seed])[0],
+        "logloss": stats([p["logloss"] for p in per_seed])[0],
+        "per_task": per_task,
+    }
+    e = entry(
+        method,
+        model,
+        mean_metrics,
+        stats([p["train_seconds"] for p in per_seed])[0],
+        int(round(stats([p["train_samples"] for p in per_seed])[0])),
+    )
+    e["backbone"] = backbone
+    e["auc_std"] = stats([p["auc"] for p in per_seed])[1]
+    e["logloss_std"] = stats([p["logloss"] for p in per_seed])[1]
+    e["train_seconds_std"] = stats([p["train_seconds"] for p in per_seed])[1]
+    for key in ("historical_seconds", "finetune_seconds"):
+        if all(key in p for p in per_seed):
+            e[key] = stats([p[key] for p in per_seed])[0]
+    e["seeds"] = [int(p["seed"]) for p in per_seed]
+    e["per_seed"] = per_seed
+    return e
 
 
 def upsert(res: dict, e: dict) -> None:

@@ -3,6 +3,13 @@
     python experiments/bench_models.py --config=configs/synthetic.py
     python experiments/bench_models.py --config=configs/synthetic.py --models=dcn,wukong \\
         --batch_sizes=512,1024,4096 --steps=20 --json_out=/tmp/bench_models.json
+    python experiments/bench_models.py --config=configs/synthetic.py --vmapped --groups=6,18
+
+`--vmapped`: the reduced-data candidate training of `train/group.py`: G dense networks of one
+architecture (each its own init and learning rate) trained on `--rows` in-memory (embedding,
+logit) rows at evaluate.rows_batch_size, one epoch per call, as one vmapped jitted group against
+the same G networks one after another (same jitted epoch, unvmapped). Reports samples x models
+per second of both and their ratio; compile and a first call are excluded from both.
 
 Every model is the full recommender (embedding table + backbone + shared MMoE head) of
 `config.model`. The train step is the jitted, donating step of `train/steps.py` with the
@@ -12,6 +19,7 @@ figures measure the model, not the loader (bench_teacher.py times the loader too
 device JAX finds; nothing in it is CPU-specific.
 """
 
+import functools
 import json
 import os
 import tempfile
@@ -39,6 +47,11 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Stage store location, used only when config.data has no vocab_sizes."
 )
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the rows as JSON here.")
+
+_VMAPPED = flags.DEFINE_bool("vmapped", False, "Time vmapped candidate groups on rows.")
+_GROUPS = flags.DEFINE_list("groups", ["6", "12", "18"], "--vmapped: group sizes G.")
+_ROWS = flags.DEFINE_integer("rows", 4500, "--vmapped: rows per epoch (the default memory).")
+_EPOCHS = flags.DEFINE_integer("epochs", 2, "--vmapped: timed epochs per measurement.")
 
 _NUM_BATCHES = 4  # distinct device batches, cycled
 
@@ -133,6 +146,60 @@ def bench_model(config, fmap: FeatureMap, name: str, batch_sizes: list[int]) -> 
     return rows
 
 
+def bench_group(config, fmap: FeatureMap, name: str, sizes: list[int]) -> list[dict]:
+    """Samples x models / s of G members trained as one vmapped group vs one after another."""
+    from diet_jax.train import group
+
+    model = build_model(config.model, fmap, name)
+    n, bs = _ROWS.value, config.evaluate.rows_batch_size
+    rng = np.random.default_rng(0)
+    e = jnp.asarray(rng.normal(0, 0.05, (n, fmap.num_fields, config.model.embed_dim)), jnp.float32)
+    logits = jnp.asarray(rng.normal(-1, 1, (n, fmap.num_tasks)), jnp.float32)
+    clip = float(config.train.max_grad_norm)
+    rows = []
+    for g in sizes:
+        inits = [model.init_dense(jax.random.key(i)) for i in range(g)]
+        lrs = [jnp.float32(1e-3 * (1 + i % 6)) for i in range(g)]
+        orders = [
+            jnp.asarray(group.padded_order(n, bs, np.random.default_rng(i))) for i in range(g)
+        ]
+        seq = group.make_group_fns(model, bs, clip, True, False)
+        vm = group.make_group_fns(model, bs, clip, True, True)
+        members = [(p, s, seq.tx.init(p)) for p, s in inits]
+        p_G = group.stack([m[0] for m in members])
+        s_G = group.stack([m[1] for m in members])
+        o_G = group.stack([m[2] for m in members])
+        lr_G, order_G = jnp.stack(lrs), jnp.stack(orders)
+
+        seq_calls = [
+            functools.partial(seq.epoch, *m, lrs[i], e, logits, orders[i])
+            for i, m in enumerate(members)
+        ]
+        vm_call = functools.partial(vm.epoch, p_G, s_G, o_G, lr_G, e, logits, order_G)
+        t_seq = time_calls(lambda i, calls=seq_calls: [c() for c in calls], 1, _EPOCHS.value)
+        t_vm = time_calls(lambda i, call=vm_call: call(), 1, _EPOCHS.value)
+        work = _EPOCHS.value * n * g
+        rows.append(
+            {
+                "model": name,
+                "group": g,
+                "rows": n,
+                "batch_size": bs,
+                "sequential_samples_models_per_s": work / t_seq,
+                "vmapped_samples_models_per_s": work / t_vm,
+                "speedup": t_seq / t_vm,
+            }
+        )
+        r = rows[-1]
+        print(
+            f"{name:9s} G {g:3d}  sequential {r['sequential_samples_models_per_s']:>11,.0f}  "
+            f"vmapped {r['vmapped_samples_models_per_s']:>11,.0f} samples x models/s  "
+            f"speed-up {r['speedup']:.2f}x  (load {os.getloadavg()[0]:.1f}, shared CPU)",
+            flush=True,
+        )
+    return rows
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError("Too many command-line arguments.")
@@ -151,6 +218,19 @@ def main(argv):
         f"steps: {_STEPS.value}"
     )
     rows = []
+    if _VMAPPED.value:
+        sizes = [int(g) for g in _GROUPS.value]
+        for name in _MODELS.value:
+            rows += bench_group(config, fmap, name, sizes)
+        print("\n| model | G | sequential | vmapped | speed-up |\n|---|---:|---:|---:|---:|")
+        for r in rows:
+            print(
+                f"| {r['model']} | {r['group']} | {r['sequential_samples_models_per_s']:,.0f} | "
+                f"{r['vmapped_samples_models_per_s']:,.0f} | {r['speedup']:.2f}x |"
+            )
+        print(f"(samples x models / s, rows {_ROWS.value}, load {os.getloadavg()}, shared CPU)")
+        _write_json(dev, rows)
+        return
     for name in _MODELS.value:
         rows += bench_model(config, fmap, name, batch_sizes)
 
@@ -168,6 +248,10 @@ def main(argv):
         cells += [f"{r['infer_samples_per_s']:,.0f}" for r in mine]
         print(f"| {name} | {mine[0]['dense_params']:,} | " + " | ".join(cells) + " |")
     print(f"(embedding table: {rows[0]['embed_params']:,} parameters, shared by every model)")
+    _write_json(dev, rows)
+
+
+def _write_json(dev, rows) -> None:
     if _JSON_OUT.value:
         tmp = _JSON_OUT.value + ".tmp"
         with open(tmp, "w") as f:

@@ -173,10 +173,10 @@ def test_candidate_inherits_teacher_embeddings_and_keeps_the_best_epoch(
     seen = {}
     real_finetune = protocol.finetune_and_test
 
-    def spy(model, params, state, store, config, seed, stages):
+    def spy(model, params, state, store, config, seed, stages, **kw):
         seen["embed"] = jax.tree.map(np.array, params["embed"])
         seen["stages"] = stages
-        return real_finetune(model, params, state, store, config, seed, stages)
+        return real_finetune(model, params, state, store, config, seed, stages, **kw)
 
     monkeypatch.setattr(protocol, "finetune_and_test", spy)
     out = protocol.run_candidate(
@@ -213,3 +213,45 @@ def test_unknown_method_or_model_is_rejected_before_any_training(tiny_reference,
     with pytest.raises(ValueError, match="wukongg"):
         methods.run_all(config, store, ref, str(tmp_path), res, None)
     assert res["results"] == []
+
+
+def test_every_method_is_timed_alike_without_compilation(tiny_reference):
+    """Issue 16: the first method to train a model must not carry its compilation in its time."""
+    import jax.numpy as jnp
+
+    from diet_jax.evaluate import methods, protocol
+    from diet_jax.models import build_model
+    from diet_jax.train import group
+
+    config, store, ref = tiny_reference
+    config = config.copy_and_resolve_references()
+    config.evaluate.lr_grid = (1e-3,)
+    # The clock really sees compilations: a new function compiles inside a timed region.
+    clock = protocol.TrainClock()
+    with clock.timed():
+        jax.jit(lambda x: x * 3.0 + 1.0)(jnp.ones(7)).block_until_ready()
+    assert clock.compiles > 0
+    # Cold caches, so whichever method runs first meets every function for the first time.
+    protocol._WARM_SIGNATURES.clear()
+    protocol._WARM.clear()
+    protocol._TRAINERS.clear()
+    protocol._predict_step.cache_clear()
+    group.make_group_fns.cache_clear()
+    model = build_model(config.model, store.feature_map, name="dcn")
+    rows = methods.selection_memory("random", config, store, ref).trainable()
+    teacher_embed = ref.final.params["embed"]
+    for method in ("random", "full_data", "cold_start", "warmup_start", "diet"):
+        out = protocol.run_candidate(
+            method,
+            model,
+            store,
+            config,
+            teacher_embed,
+            rows if method in methods.REDUCED else None,
+            0,
+        )
+        assert out.info["timed_compiles"] == 0, method
+        assert out.train_seconds > 0
+        assert out.info["historical_seconds"] + out.info["finetune_seconds"] == pytest.approx(
+            out.train_seconds
+        )

@@ -1,8 +1,9 @@
 """Fidelity of a reduced-data method: does it rank architectures as the full data does?
 
-Per method: Spearman's rho and Kendall's tau-b between the candidates' test AUCs under the
-method and under full_data, and the cost ratio (full-data training time / method training time,
-distillation excluded and reported separately).
+Per method: Spearman's rho and Kendall's tau-b between the candidates' test AUCs (seed means)
+under the method and under full_data, with bootstrap intervals over candidates and seeds, and
+two cost ratios (full-data training time / method training time), end to end and over the
+historical phase only; distillation and selection are excluded and reported separately.
 """
 
 from __future__ import annotations
@@ -48,11 +49,82 @@ def kendall(a, b) -> float:
     return float(concordant_minus_discordant / denom) if denom > 0 else float("nan")
 
 
-def fidelity_table(results: list[dict], reference_method: str = "full_data") -> dict:
-    """{method: {"spearman", "kendall", "cost_ratio", "models"}} over the models both methods ran.
+def seed_stats(values) -> tuple[float, float]:
+    """(mean, sample standard deviation, ddof=1) over seeds; the std of one seed is 0.0."""
+    v = np.asarray(values, np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
-    `cost_ratio` = sum of full-data train_seconds / sum of the method's train_seconds over those
-    models.
+
+def bootstrap_resamples(
+    num_candidates: int, num_seeds: int, n: int, seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """n resamples (candidates_C, seeds of the method C x S, seeds of the reference C x S).
+
+    Candidates are drawn with replacement, and for every drawn candidate the seeds of each
+    method's entry are drawn with replacement, independently.
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        c = rng.integers(0, num_candidates, num_candidates)
+        out.append(
+            (
+                c,
+                rng.integers(0, num_seeds, (num_candidates, num_seeds)),
+                rng.integers(0, num_seeds, (num_candidates, num_seeds)),
+            )
+        )
+    return out
+
+
+def bootstrap_interval(
+    method_CxS, ref_CxS, stat=None, resamples=None, n: int = 1000, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of stat(mean AUC of the method, mean AUC of the reference).
+
+    method_CxS / ref_CxS: per-seed AUCs of every candidate (same candidates, same seed count).
+    Resamples whose statistic is undefined (all draws one candidate) are dropped.
+    """
+    stat = stat or kendall
+    a, b = np.asarray(method_CxS, np.float64), np.asarray(ref_CxS, np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"Per-seed AUCs must be two C x S arrays, got {a.shape} and {b.shape}.")
+    if resamples is None:
+        resamples = bootstrap_resamples(a.shape[0], a.shape[1], n)
+    values = []
+    for c, sa, sb in resamples:
+        va = np.take_along_axis(a[c], sa, axis=1).mean(axis=1)
+        vb = np.take_along_axis(b[c], sb, axis=1).mean(axis=1)
+        values.append(stat(va, vb))
+    values = np.asarray(values)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return float("nan"), float("nan")
+    tail = 100 * (1 - level) / 2
+    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
+
+
+def _per_seed_aucs(entries: list[dict]) -> np.ndarray | None:
+    """C x S per-seed AUCs when every entry holds the same number of seeds, else None."""
+    rows = [[p["auc"] for p in e["per_seed"]] if "per_seed" in e else [e["auc"]] for e in entries]
+    if len({len(r) for r in rows}) != 1:
+        return None
+    return np.asarray(rows, np.float64)
+
+
+def fidelity_table(
+    results: list[dict], reference_method: str = "full_data", bootstrap: int = 1000
+) -> dict:
+    """{method: {"spearman", "kendall", "kendall_ci", "spearman_ci", "cost_ratio", ...}} over the
+    candidates both methods ran.
+
+    `cost_ratio` (= `cost_ratio_end_to_end`) = sum of full-data train_seconds / sum of the
+    method's; `cost_ratio_historical` = the same over the historical phase only (full data's
+    epochs over the historical stages / the reduced-data epochs; NaN for methods without one).
+    Correlations are over the seed-mean AUCs; their 95% intervals resample candidates and seeds
+    (`bootstrap` resamples; 0 = none).
     """
     by = {(r["method"], r["model"]): r for r in results}
     ref_models = sorted(m for (meth, m) in by if meth == reference_method)
@@ -61,15 +133,27 @@ def fidelity_table(results: list[dict], reference_method: str = "full_data") -> 
         models = [m for m in ref_models if (method, m) in by]
         if not models:
             continue
-        ref_auc = [by[(reference_method, m)]["auc"] for m in models]
-        auc = [by[(method, m)]["auc"] for m in models]
-        ref_s = sum(by[(reference_method, m)]["train_seconds"] for m in models)
-        s = sum(by[(method, m)]["train_seconds"] for m in models)
+        mine = [by[(method, m)] for m in models]
+        ref = [by[(reference_method, m)] for m in models]
+        ref_auc, auc = [r["auc"] for r in ref], [r["auc"] for r in mine]
+        ref_s = sum(r["train_seconds"] for r in ref)
+        s = sum(r["train_seconds"] for r in mine)
+        ref_h = sum(r.get("historical_seconds", float("nan")) for r in ref)
+        h = sum(r.get("historical_seconds", float("nan")) for r in mine)
+        e2e = ref_s / s if s > 0 else float("nan")
         out[method] = {
             "spearman": spearman(auc, ref_auc),
             "kendall": kendall(auc, ref_auc),
-            "cost_ratio": ref_s / s if s > 0 else float("nan"),
+            "cost_ratio": e2e,
+            "cost_ratio_end_to_end": e2e,
+            "cost_ratio_historical": ref_h / h if h > 0 else float("nan"),
             "mean_auc_gap": float(np.mean(np.asarray(auc) - np.asarray(ref_auc))),
             "models": models,
         }
+        a, b = _per_seed_aucs(mine), _per_seed_aucs(ref)
+        if bootstrap > 0 and a is not None and b is not None and a.shape == b.shape:
+            resamples = bootstrap_resamples(a.shape[0], a.shape[1], bootstrap)
+            out[method]["kendall_ci"] = list(bootstrap_interval(a, b, kendall, resamples))
+            out[method]["spearman_ci"] = list(bootstrap_interval(a, b, spearman, resamples))
+            out[method]["bootstrap"] = bootstrap
     return out

@@ -1,10 +1,11 @@
-"""Every method of the paper's Table 3 for every candidate model, into results.json.
+"""Every method of the paper's Table 3 for every candidate of the pool and every seed.
 
 Selection baselines pick n_t = ratio x |D_t| rows per historical stage (random, EL2N around the
 configured percentile, K-means centroid-nearest) and convert them to (embedding, soft label)
 rows with the stage's teacher, like DIET's memory. Their rows are saved under
-`<workdir>/baselines/<method>` and every finished (method, model) entry is written to
-results.json at once, so a rerun picks up where it stopped.
+`<workdir>/baselines/<method>` (random: one draw per seed, `<method>_seed<s>`) and every
+finished (method, candidate) entry, all its seeds, is written to results.json at once, so a rerun
+picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ from diet_jax.data.store import StageStore
 from diet_jax.distill import memory as memory_lib
 from diet_jax.distill import phase1
 from diet_jax.distill.memory import Memory
-from diet_jax.evaluate import fidelity, protocol
+from diet_jax.evaluate import fidelity, pool, protocol
 from diet_jax.io_utils import MetricsWriter
-from diet_jax.models import BACKBONES, build_model
 from diet_jax.train.reference import ReferenceRun
 
 SELECTIONS = ("random", "el2n", "kmeans")
@@ -80,6 +80,28 @@ def selection_memory(method: str, config, store: StageStore, ref: ReferenceRun) 
     return memory_lib.concat(*parts)
 
 
+def _selection_memories(method, config, store, ref, workdir, res, seeds) -> dict:
+    """{seed: Memory} of a selection baseline: random draws new rows for every seed (cheap);
+    EL2N is deterministic and K-means keeps config.seed's clustering, shared by every seed."""
+    out = {}
+    for seed in seeds if method == "random" else seeds[:1]:
+        suffix = "" if seed == config.seed else f"_seed{seed}"
+        path = os.path.join(workdir, "baselines", method + suffix)
+        if memory_lib.exists(path):
+            out[seed] = memory_lib.load(path)
+            continue
+        cfg = config.copy_and_resolve_references()
+        cfg.seed = seed
+        start = time.perf_counter()
+        out[seed] = selection_memory(method, cfg, store, ref)
+        key = f"select_{method}_seconds"
+        res["timings"][key] = res["timings"].get(key, 0.0) + time.perf_counter() - start
+        memory_lib.save(path, out[seed])
+    if method != "random":
+        out = dict.fromkeys(seeds, out[seeds[0]])
+    return out
+
+
 def run_all(
     config,
     store: StageStore,
@@ -90,68 +112,89 @@ def run_all(
     writer: MetricsWriter | None = None,
     save=None,
 ) -> dict:
-    """Runs config.evaluate.methods x config.evaluate.models; fills res["results"] and fidelity."""
+    """Runs config.evaluate.methods x the candidate pool x evaluate.seeds; fills res["results"]
+    (one entry per (method, candidate), seed means and per-seed runs) and res["fidelity"]."""
     ev = config.evaluate
-    unknown = sorted(set(ev.methods) - set(results_lib.CANDIDATE_METHODS)) + sorted(
-        set(ev.models) - set(BACKBONES)
-    )
+    unknown = sorted(set(ev.methods) - set(results_lib.CANDIDATE_METHODS))
     if unknown:
         raise ValueError(
-            f"Unknown evaluate.methods / evaluate.models {unknown}; methods are "
-            f"{results_lib.CANDIDATE_METHODS}, models {BACKBONES}."
+            f"Unknown evaluate.methods {unknown}; methods are {results_lib.CANDIDATE_METHODS}."
         )
-    done = {(r["method"], r["model"]) for r in res["results"]}
-    todo = [(m, mo) for mo in ev.models for m in ev.methods if ev.rerun or (m, mo) not in done]
-    memories: dict[str, Memory] = {}
+    pool.check(config)
+    cands, seeds = pool.candidates(config), pool.seeds(config)
+    done = {
+        (r["method"], r["model"])
+        for r in res["results"]
+        if r["method"] == "reference" or r.get("seeds") == seeds
+    }
+    todo = [(m, c) for c in cands for m in ev.methods if ev.rerun or (m, c.name) not in done]
+    memories: dict[str, dict] = {}
     if diet_memory is not None:
-        memories["diet"] = diet_memory
-    for method in {m for m, _ in todo} & set(SELECTIONS):
-        path = os.path.join(workdir, "baselines", method)
-        if memory_lib.exists(path):
-            memories[method] = memory_lib.load(path)
-            continue
-        start = time.perf_counter()
-        memories[method] = selection_memory(method, config, store, ref)
-        res["timings"][f"select_{method}_seconds"] = time.perf_counter() - start
-        memory_lib.save(path, memories[method])
+        memories["diet"] = dict.fromkeys(seeds, diet_memory)  # one distillation (config.seed)
+    for method in sorted({m for m, _ in todo} & set(SELECTIONS)):
+        memories[method] = _selection_memories(method, config, store, ref, workdir, res, seeds)
     teacher_embed = ref.final.params["embed"]
+    # Rows of every reduced method padded to one length: one compiled epoch per architecture.
+    rows_pad = max((len(m) for ms in memories.values() for m in ms.values()), default=0)
+    val = None
     bar = tqdm(todo, desc="candidates", disable=not config.progress)
-    for method, model_name in bar:
-        bar.set_postfix(method=method, model=model_name)
+    for method, cand in bar:
+        bar.set_postfix(method=method, model=cand.name)
         if method in REDUCED and method not in memories:
             raise ValueError(
                 f"Method {method!r} needs its memory; DIET's comes from the distillation phase."
             )
-        model = build_model(config.model, store.feature_map, name=model_name)
-        rows = memories[method].trainable() if method in REDUCED else None
-        out = protocol.run_candidate(
-            method, model, store, config, teacher_embed, rows, seed=config.seed
+        model = pool.build(cand, config, store.feature_map)
+        rows = None
+        if method in REDUCED:
+            if val is None:  # the validation day under the teacher's table, for every candidate
+                val = protocol.validation_rows(model, teacher_embed, store, config)
+            trainable = {}
+            rows = {
+                s: trainable.setdefault(id(m), m.trainable()) for s, m in memories[method].items()
+            }
+        outs = protocol.run_seeds(
+            method, model, store, config, teacher_embed, rows, seeds, val, rows_pad
         )
-        results_lib.upsert(
-            res,
-            results_lib.entry(
-                method, model_name, out.metrics, out.train_seconds, out.train_samples
-            ),
-        )
-        res.setdefault("candidate_info", {})[f"{method}/{model_name}"] = out.info
+        per_seed = [
+            {
+                "seed": seed,
+                "auc": float(o.metrics["auc"]),
+                "logloss": float(o.metrics["logloss"]),
+                "per_task": o.metrics["per_task"],
+                "train_seconds": float(o.train_seconds),
+                "train_samples": int(o.train_samples),
+                "historical_seconds": float(o.info["historical_seconds"]),
+                "finetune_seconds": float(o.info["finetune_seconds"]),
+                "lr": float(o.info["lr"]),
+            }
+            for seed, o in zip(seeds, outs, strict=True)
+        ]
+        e = results_lib.seed_entry(method, cand.name, cand.backbone, per_seed)
+        results_lib.upsert(res, e)
+        res.setdefault("candidate_info", {})[f"{method}/{cand.name}"] = [o.info for o in outs]
         logging.info(
-            "%s / %s: test AUC %.4f (%.1fs)",
+            "%s / %s: test AUC %.4f +- %.4f over %d seeds (%.1fs per seed)",
             method,
-            model_name,
-            out.metrics["auc"],
-            out.train_seconds,
+            cand.name,
+            e["auc"],
+            e["auc_std"],
+            len(seeds),
+            e["train_seconds"],
         )
         if writer is not None:
             writer.write(
                 phase="candidate",
                 method=method,
-                model=model_name,
-                auc=out.metrics["auc"],
-                logloss=out.metrics["logloss"],
-                train_seconds=out.train_seconds,
+                model=cand.name,
+                backbone=cand.backbone,
+                auc=e["auc"],
+                auc_std=e["auc_std"],
+                logloss=e["logloss"],
+                train_seconds=e["train_seconds"],
             )
-        res["fidelity"] = fidelity.fidelity_table(res["results"])
+        res["fidelity"] = fidelity.fidelity_table(res["results"], bootstrap=int(ev.bootstrap))
         if save is not None:
             save(res)
-    res["fidelity"] = fidelity.fidelity_table(res["results"])
+    res["fidelity"] = fidelity.fidelity_table(res["results"], bootstrap=int(ev.bootstrap))
     return res

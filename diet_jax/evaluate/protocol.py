@@ -3,16 +3,23 @@
 Reduced-data methods (random, el2n, kmeans, diet): a candidate inherits the final teacher's
 embedding table; its dense network, freshly initialised, trains on the (embedding, soft label)
 rows for up to `evaluate.max_epochs` epochs with Adam, keeping the epoch whose full model has the
-best AUC on the real validation day; then the whole model is fine-tuned one epoch on the
-subsequent block and evaluated on the test day.
+best AUC on the real validation day; the learning rate is chosen from `evaluate.lr_grid` on that
+validation AUC (paper 5.1.4), on the first seed; then the whole model is fine-tuned one epoch on
+the subsequent block and evaluated on the test day. The rows epochs of a learning-rate grid, or
+of the seeds at the chosen rate, run as one vmapped group (`train/group.py`).
 
 Reference methods: full_data (from scratch, one epoch over every historical stage and the
 subsequent block, in time order), cold_start (from scratch, subsequent block only),
-warmup_start (teacher embeddings + fresh dense network, subsequent block only).
+warmup_start (teacher embeddings + fresh dense network, subsequent block only), all at
+train.learning_rate.
+
+Timing is training only, for every method alike: compilation and a first call of every jitted
+function run untimed before its timed calls, and validation passes are outside the clock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -20,14 +27,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from diet_jax import parallel
+from diet_jax import metrics, parallel
 from diet_jax.data import loader
 from diet_jax.data.store import StageStore
 from diet_jax.models.factory import RecModel
-from diet_jax.train import loop
-from diet_jax.train.steps import bce_per_sample, make_predict_step, make_trainer
+from diet_jax.train import group, loop
+from diet_jax.train.steps import make_predict_step, make_trainer
 
 
 @dataclasses.dataclass
@@ -35,49 +41,244 @@ class CandidateResult:
     metrics: dict  # test metrics of the final model
     train_seconds: float  # training only: rows epochs + fine-tune (validation passes excluded)
     train_samples: int
-    info: dict  # best epoch, validation AUC per epoch, ...
+    info: dict  # best epoch, validation AUC per epoch, chosen learning rate, seconds by phase
 
 
-def make_rows_epoch(
-    model: RecModel, tx: optax.GradientTransformation, batch_size: int, sharding=None
-):
-    """A jitted epoch over in-memory rows: (params_dense, state, opt_state, e, logits, order) -> ...
+# ---------------------------------------------------------------------------- training clock
+# Every method's training is timed the same way: each jitted function is compiled and run once
+# untimed before its first timed call, and the clock counts compilations that happen inside a
+# timed region (`info["timed_compiles"]`), which must stay 0 for every method.
+_COMPILES = [0]
 
-    The soft target of a row is sigmoid(logits); the loss is the sum over tasks of BCE, averaged
-    over rows. The batches of the epoch run in one `lax.scan`: no host round trip per step.
-    `order` is a permutation of the rows padded with -1 to a multiple of `batch_size`.
-    `sharding` (`parallel.batch_sharding`): every batch split over the mesh, the inputs replicated.
+
+def _on_jax_event(event: str, *args, **kwargs) -> None:
+    if event.startswith(("/jax/core/compile", "/jax/compilation_cache")):
+        _COMPILES[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_jax_event)
+
+
+class TrainClock:
+    """Accumulates seconds of timed regions and the compilations that fell inside them."""
+
+    def __init__(self):
+        self.seconds, self.compiles = 0.0, 0
+
+    @contextlib.contextmanager
+    def timed(self):
+        c0, t0 = _COMPILES[0], time.perf_counter()
+        yield
+        self.seconds += time.perf_counter() - t0
+        self.compiles += _COMPILES[0] - c0
+
+
+_WARM_SIGNATURES: set = set()
+
+
+def _warm_call(fn, *args) -> None:
+    """Runs fn(*args) once untimed the first time it meets these shapes (compile + first run)."""
+    sig = (id(fn), tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args)))
+    if sig in _WARM_SIGNATURES:
+        return
+    jax.block_until_ready(fn(*args))  # the functions warmed here never donate their inputs
+    _WARM_SIGNATURES.add(sig)
+
+
+# ---------------------------------------------------------------------------- validation rows
+@dataclasses.dataclass
+class ValidationRows:
+    """The validation day in embedding space under the inherited (teacher's) table."""
+
+    e_VxFxD: jax.Array  # padded to a multiple of `chunk`
+    y_NxK: np.ndarray
+    n: int
+    chunk: int
+    tasks: tuple
+
+
+def validation_rows(model: RecModel, params_embed: dict, store: StageStore, config):
+    """The validation day's embeddings (a seeded subsample of evaluate.val_rows rows if > 0)."""
+    stage = store.stages("validation")[0]
+    idx = np.arange(len(stage))
+    k = int(config.evaluate.val_rows)
+    if 0 < k < len(stage):
+        idx = np.sort(np.random.default_rng(config.seed).choice(len(stage), k, replace=False))
+    x, y = np.asarray(stage.x_NxF)[idx], np.asarray(stage.y_NxK)[idx]
+    bs = int(config.train.eval_batch_size)
+    embed = jax.jit(model.embed)
+    e = np.concatenate(
+        [np.asarray(embed(params_embed, x[i : i + bs])) for i in range(0, len(x), bs)]
+    )
+    chunk = min(4096, len(x))
+    return ValidationRows(
+        jnp.asarray(group.pad_rows(e, chunk)), y, len(x), chunk, tuple(store.feature_map.tasks)
+    )
+
+
+# ---------------------------------------------------------------------------- reduced rows
+def train_rows_group(
+    model: RecModel,
+    rows_G: list[dict],
+    seeds_G: list[int],
+    lrs_G: list[float],
+    val: ValidationRows,
+    config,
+    vmapped: bool | None = None,
+    pad_to: int = 0,
+) -> dict:
+    """Trains G fresh dense networks on rows for evaluate.max_epochs epochs as one vmapped group.
+
+    Member g starts from init_dense(key(seeds_G[g])), shuffles with default_rng(seeds_G[g]) and
+    uses Adam at lrs_G[g] on rows_G[g] (one shared array when every member has the same rows).
+    After every epoch the whole group is scored on the validation rows and each member keeps its
+    best epoch. `vmapped=False` trains the members one after another (the reference); None
+    follows evaluate.group_mode.
+    `pad_to`: rows padded to this many (never drawn; their batches are no-ops), so that methods
+    with different row counts share one compiled epoch.
+    Returns {"params", "state" (stacked, best epochs), "val_auc" [G, E], "best_epoch" [G],
+    "seconds" (training only, the whole group), "samples" (per member), "compiles"}.
     """
+    ev = config.evaluate
+    if vmapped is None:
+        vmapped = group_vmapped(config)
+    g_count = len(seeds_G)
+    shared = all(r is rows_G[0] for r in rows_G)
+    n = int(np.asarray(rows_G[0]["e"]).shape[0])
+    n_pad = max(n, int(pad_to))
+    bs = min(int(ev.rows_batch_size), n_pad)
+    fns = group.make_group_fns(
+        model, bs, float(config.train.max_grad_norm), shared, vmapped, val.chunk
+    )
+    inits = [model.init_dense(jax.random.key(s)) for s in seeds_G]
+    params = [p for p, _ in inits]
+    states = [s for _, s in inits]
+    opts = [fns.tx.init(p) for p in params]
+    lrs = [jnp.asarray(lr, jnp.float32) for lr in lrs_G]
+    rngs = [np.random.default_rng(s) for s in seeds_G]
 
-    def loss_fn(params_dense, state, e_BxFxD, t_BxK, w_B):
-        logits, new_state, aux = model.dense(params_dense, state, e_BxFxD, train=True)
-        loss = jnp.sum(bce_per_sample(logits, t_BxK) * w_B) / jnp.maximum(jnp.sum(w_B), 1.0)
-        return loss + aux, (loss, new_state)
+    def as_rows(key):
+        def one(r):
+            a = np.asarray(r[key], np.float32)
+            return np.concatenate([a, np.zeros((n_pad - n, *a.shape[1:]), np.float32)])
 
-    @jax.jit
-    def epoch(params_dense, state, opt_state, e_NxFxD, logits_NxK, order_P):
-        def step(carry, idx_B):
-            p, s, o = carry
-            if sharding is not None:  # each device gathers and trains on its share of the batch
-                idx_B = jax.lax.with_sharding_constraint(idx_B, sharding)
-            w_B = (idx_B >= 0).astype(jnp.float32)
-            idx_B = jnp.maximum(idx_B, 0)
-            t_BxK = jax.nn.sigmoid(logits_NxK[idx_B])
-            grads, (loss, s) = jax.grad(loss_fn, has_aux=True)(p, s, e_NxFxD[idx_B], t_BxK, w_B)
-            updates, o = tx.update(grads, o, p)
-            return (optax.apply_updates(p, updates), s, o), loss
+        if shared:
+            return jnp.asarray(one(rows_G[0]))
+        return jnp.asarray(np.stack([one(r) for r in rows_G]))
 
-        (p, s, o), losses = jax.lax.scan(
-            step, (params_dense, state, opt_state), order_P.reshape(-1, batch_size)
+    e, logits = as_rows("e"), as_rows("logits")
+    clock = TrainClock()
+    aucs = np.full((g_count, int(ev.max_epochs)), np.nan)
+    losses = np.full((g_count, int(ev.max_epochs)), np.nan)
+    if vmapped:
+        p, s, o, lr = group.stack(params), group.stack(states), group.stack(opts), jnp.stack(lrs)
+        best = None
+        for epoch in range(int(ev.max_epochs)):
+            order = jnp.asarray(np.stack([group.padded_order(n, bs, r, n_pad) for r in rngs]))
+            _warm_call(fns.epoch, p, s, o, lr, e, logits, order)
+            with clock.timed():
+                p, s, o, loss_G = jax.block_until_ready(fns.epoch(p, s, o, lr, e, logits, order))
+            losses[:, epoch] = np.asarray(loss_G)
+            out_GxVxK = np.asarray(fns.predict(p, s, val.e_VxFxD))[:, : val.n]
+            aucs[:, epoch] = [_val_auc(val, out_GxVxK[g]) for g in range(g_count)]
+            if best is None:
+                best = (p, s)
+            else:
+                improved = aucs[:, epoch] > np.nanmax(
+                    np.where(np.isnan(aucs[:, :epoch]), -np.inf, aucs[:, :epoch]), axis=1
+                )
+                best = fns.keep(best, (p, s), jnp.asarray(improved))
+        best_p, best_s = best
+    else:
+        kept = []
+        for g in range(g_count):
+            p, s, o = params[g], states[g], opts[g]
+            eg, lg = (e, logits) if shared else (e[g], logits[g])
+            best = None
+            for epoch in range(int(ev.max_epochs)):
+                order = jnp.asarray(group.padded_order(n, bs, rngs[g], n_pad))
+                _warm_call(fns.epoch, p, s, o, lrs[g], eg, lg, order)
+                with clock.timed():
+                    p, s, o, loss = jax.block_until_ready(fns.epoch(p, s, o, lrs[g], eg, lg, order))
+                losses[g, epoch] = float(loss)
+                aucs[g, epoch] = _val_auc(val, np.asarray(fns.predict(p, s, val.e_VxFxD))[: val.n])
+                prev = aucs[g, :epoch]
+                if best is None or aucs[g, epoch] > np.nanmax(
+                    np.where(np.isnan(prev), -np.inf, prev)
+                ):
+                    best = (p, s)
+            kept.append(best)
+        best_p, best_s = group.stack([k[0] for k in kept]), group.stack([k[1] for k in kept])
+    if not np.isfinite(losses).any():
+        raise FloatingPointError(
+            f"{model.name}: the loss on rows is {losses[:, 0]} for every member."
         )
-        return p, s, o, jnp.mean(losses)
+    aucs = np.where(np.isfinite(losses), aucs, np.nan)  # a diverged member is never selected
+    return {
+        "params": best_p,
+        "state": best_s,
+        "val_auc": aucs,
+        "best_epoch": _best_epochs(aucs),
+        "seconds": clock.seconds,
+        "compiles": clock.compiles,
+        "samples": int(ev.max_epochs) * n,
+        "losses": losses,
+    }
 
-    return epoch
+
+def group_vmapped(config) -> bool:
+    """evaluate.group_mode: "vmap", "sequential", or "auto" (vmap on an accelerator; members one
+    after another on the CPU, where the vmapped group measured slower: docs/evaluation.md)."""
+    mode = config.evaluate.get("group_mode", "auto")
+    if mode not in ("auto", "vmap", "sequential"):
+        raise ValueError(
+            f"config.evaluate.group_mode must be auto, vmap or sequential, got {mode!r}."
+        )
+    if mode == "auto":
+        return jax.devices()[0].platform != "cpu"
+    return mode == "vmap"
 
 
-def padded_order(n: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
-    order = rng.permutation(n).astype(np.int32)
-    return np.concatenate([order, np.full((-n) % batch_size, -1, np.int32)])
+def _val_auc(val: ValidationRows, logits_NxK: np.ndarray) -> float:
+    return metrics.multitask_metrics(val.y_NxK, logits_NxK, list(val.tasks))["auc"]
+
+
+def _best_epochs(aucs_GxE: np.ndarray) -> np.ndarray:
+    return np.argmax(np.where(np.isnan(aucs_GxE), -np.inf, aucs_GxE), axis=1)
+
+
+def select_lr(grid, val_auc_GxE: np.ndarray) -> int:
+    """Index of the grid's learning rate whose best epoch has the highest validation AUC.
+
+    Ties go to the earlier entry; a member whose AUC is NaN (diverged) is never chosen unless all
+    are.
+    """
+    a = np.asarray(val_auc_GxE, np.float64)
+    if a.shape[0] != len(grid):
+        raise ValueError(f"{a.shape[0]} validation rows for a grid of {len(grid)} rates.")
+    best = np.max(np.where(np.isnan(a), -np.inf, a), axis=1)
+    return int(np.argmax(best))
+
+
+def train_on_rows(
+    model: RecModel, params_embed: dict, rows: dict, store: StageStore, config, seed: int
+):
+    """Trains a fresh dense network on rows {"e": [N,F,D], "logits": [N,K]} under fixed embeddings,
+    at evaluate.learning_rate (no grid). Returns (params_dense, state, info, seconds, samples) of
+    the epoch with the best validation AUC of the full model.
+    """
+    val = validation_rows(model, params_embed, store, config)
+    out = train_rows_group(
+        model, [rows], [seed], [float(config.evaluate.learning_rate)], val, config, vmapped=False
+    )
+    info = {
+        "best_epoch": int(out["best_epoch"][0]),
+        "val_auc_per_epoch": out["val_auc"][0].tolist(),
+        "rows": int(np.asarray(rows["e"]).shape[0]),
+        "rows_seconds": out["seconds"],
+    }
+    p, s = group.unstack(out["params"], 0), group.unstack(out["state"], 0)
+    return p, s, info, out["seconds"], out["samples"]
 
 
 # Jitted functions are built once per model (and per hyperparameters) for the whole run, so a
@@ -85,14 +286,6 @@ def padded_order(n: int, batch_size: int, rng: np.random.Generator) -> np.ndarra
 @functools.cache
 def _predict_step(model: RecModel):
     return make_predict_step(model)
-
-
-@functools.cache
-def _rows_epoch(
-    model: RecModel, batch_size: int, learning_rate: float, max_grad_norm: float, sharding=None
-):
-    tx = optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adam(learning_rate))
-    return tx, make_rows_epoch(model, tx, batch_size, sharding)
 
 
 _TRAINERS: dict = {}
@@ -103,67 +296,6 @@ def _trainer(model: RecModel, train_cfg):
     if key not in _TRAINERS:
         _TRAINERS[key] = make_trainer(model, train_cfg)  # the configured embedding optimizer
     return _TRAINERS[key]
-
-
-def train_on_rows(
-    model: RecModel, params_embed: dict, rows: dict, store: StageStore, config, seed: int
-):
-    """Trains a fresh dense network on rows {"e": [N,F,D], "logits": [N,K]} under fixed embeddings.
-
-    Returns (params_dense, state, info) of the epoch with the best validation AUC of the full model.
-    """
-    ev = config.evaluate
-    e, logits = jnp.asarray(rows["e"], jnp.float32), jnp.asarray(rows["logits"], jnp.float32)
-    n = int(e.shape[0])
-    bs = min(ev.rows_batch_size, n)
-    # Scale-out: rows and parameters replicated, each batch split over the data axis (when the
-    # batch, capped at the number of rows, divides over it).
-    mesh = parallel.mesh_from_config(config)
-    rows_sharding = parallel.batch_sharding(mesh) if bs % parallel.data_size(mesh) == 0 else None
-    put = functools.partial(parallel.put_replicated, mesh=mesh)
-    tx, epoch_fn = _rows_epoch(
-        model, bs, float(ev.learning_rate), float(config.train.max_grad_norm), rows_sharding
-    )
-    params_dense, state = model.init_dense(jax.random.key(seed))
-    opt_state = tx.init(params_dense)
-    params_dense, state, opt_state, e, logits = put((params_dense, state, opt_state, e, logits))
-    rng = np.random.default_rng(seed)
-    # Compiled ahead of time so that training time excludes compilation, as for every method.
-    order = put(jnp.asarray(padded_order(n, bs, rng)))
-    epoch_fn = epoch_fn.lower(params_dense, state, opt_state, e, logits, order).compile()
-    validation = store.stages("validation")[0]
-    best, val_aucs, seconds = None, [], 0.0
-    for epoch in range(ev.max_epochs):
-        start = time.perf_counter()
-        params_dense, state, opt_state, loss = epoch_fn(
-            params_dense, state, opt_state, e, logits, put(jnp.asarray(padded_order(n, bs, rng)))
-        )
-        jax.block_until_ready(params_dense)
-        seconds += time.perf_counter() - start
-        if not np.isfinite(float(loss)):
-            raise FloatingPointError(
-                f"{model.name}: loss on rows became {float(loss)} at epoch {epoch}."
-            )
-        full = {"embed": params_embed, "dense": params_dense}
-        val = loop.evaluate(
-            _predict_step(model),
-            full,
-            state,
-            validation,
-            config.train.eval_batch_size,
-            store.feature_map.tasks,
-            sharding=parallel.batch_sharding(mesh),
-        )
-        val_aucs.append(val["auc"])
-        if best is None or val["auc"] > best[0]:
-            best = (val["auc"], epoch, params_dense, state)
-    info = {
-        "best_epoch": best[1],
-        "val_auc_per_epoch": val_aucs,
-        "rows": n,
-        "rows_seconds": seconds,
-    }
-    return best[2], best[3], info, seconds, ev.max_epochs * n
 
 
 def _copy(tree):
@@ -179,14 +311,27 @@ def _warm_up(trainer, train_state, stage, batch_size: int, sharding=None) -> Non
     if id(trainer) in _WARM:
         return
     batch = next(iter(loader.device_batches(stage, batch_size, shuffle=False, sharding=sharding)))
-    jax.block_until_ready(trainer.step(_copy(train_state), batch))
+    # Two steps: a step's output state may be placed differently from the state it was given
+    # (committed), and the second step compiles for that signature.
+    state, _ = trainer.step(_copy(train_state), batch)
+    jax.block_until_ready(trainer.step(state, batch))
     _WARM.add(id(trainer))
 
 
 def finetune_and_test(
-    model: RecModel, params: dict, state: dict, store: StageStore, config, seed: int, stages
+    model: RecModel,
+    params: dict,
+    state: dict,
+    store: StageStore,
+    config,
+    seed: int,
+    stages,
+    timings: dict | None = None,
 ):
-    """One epoch per stage in `stages` (names, in order) on the whole model, then test metrics."""
+    """One epoch per stage in `stages` (names, in order) on the whole model, then test metrics.
+
+    `timings`, if given, receives {"stage_seconds": {name: s}, "timed_compiles": n}.
+    """
     trainer = _trainer(model, config.train)
     train_state = trainer.init(_copy(params), _copy(state))
     mesh = parallel.mesh_from_config(config)  # scale-out: as the teacher (train/reference.py)
@@ -194,11 +339,16 @@ def finetune_and_test(
         shard = config.parallel.shard_embeddings
         shardings = parallel.state_shardings(train_state, mesh, shard_embeddings=shard)
         train_state = parallel.put(train_state, shardings)
+    else:
+        # Every leaf committed to one device, whatever made it (a restored teacher table, a
+        # fresh init, a group's output): one compiled step, warmed once, serves every method.
+        train_state = jax.device_put(train_state, jax.local_devices()[0])
     rows = parallel.batch_sharding(mesh)
     step = trainer.step
     _warm_up(trainer, train_state, store.stage(stages[0]), config.train.batch_size, rows)
-    seconds, samples = 0.0, 0
+    seconds, samples, per_stage, compiles = 0.0, 0, {}, 0
     for i, name in enumerate(stages):
+        c0 = _COMPILES[0]
         train_state, stats = loop.train_epoch(
             step,
             train_state,
@@ -211,8 +361,10 @@ def finetune_and_test(
             log_every=config.train.log_every,
             sharding=rows,
         )
+        compiles += _COMPILES[0] - c0  # over the whole call: a superset of its timed region
         seconds += stats["seconds"]
         samples += stats["samples"]
+        per_stage[name] = stats["seconds"]
     test = loop.evaluate(
         _predict_step(model),
         train_state.params,
@@ -222,7 +374,130 @@ def finetune_and_test(
         store.feature_map.tasks,
         sharding=rows,
     )
+    if timings is not None:
+        timings["stage_seconds"] = per_stage
+        timings["timed_compiles"] = compiles
     return test, seconds, samples
+
+
+def run_seeds(
+    method: str,
+    model: RecModel,
+    store: StageStore,
+    config,
+    teacher_embed: dict,
+    rows_by_seed: dict | None,
+    seeds: list[int],
+    val: ValidationRows | None = None,
+    rows_pad: int = 0,
+) -> list[CandidateResult]:
+    """Trains and tests one candidate under `method`'s protocol once per seed.
+
+    Reduced-data methods: the learning rate is chosen on the first seed, the evaluate.lr_grid as
+    one vmapped group on its rows, by the best-epoch validation AUC (that member is the first
+    seed's run); the other seeds train at that rate as one vmapped group (each its own init, row
+    order and rows); every seed keeps its best epoch and is fine-tuned on the subsequent block. Full Data, Cold Start and Warmup Start
+    train the whole model one epoch per stage at train.learning_rate, seed by seed.
+    `rows_by_seed`: {seed: {"e", "logits"}} (the same dict for every seed when the method's rows
+    do not depend on the seed). `rows_pad`: see `train_rows_group`'s `pad_to`.
+    """
+    fmap = store.feature_map
+    subsequent = [s.name for s in fmap.stages_with_role("subsequent")]
+    historical = [s.name for s in fmap.stages_with_role("historical")]
+    out = []
+    if method in ("full_data", "cold_start", "warmup_start"):
+        if method == "warmup_start":
+            _check_embedding(model, teacher_embed)
+        stages = historical + subsequent if method == "full_data" else subsequent
+        for seed in seeds:
+            if method == "warmup_start":
+                params_dense, state = model.init_dense(jax.random.key(seed))
+                params = {"embed": teacher_embed, "dense": params_dense}
+            else:
+                params, state = model.init(jax.random.key(seed))
+            t: dict = {}
+            test, seconds, samples = finetune_and_test(
+                model, params, state, store, config, seed, stages, timings=t
+            )
+            hist = sum(t["stage_seconds"].get(s, 0.0) for s in historical)
+            info = {
+                "stages": stages,
+                "seed": seed,
+                "historical_seconds": hist,
+                "finetune_seconds": seconds - hist,
+                "stage_seconds": t["stage_seconds"],
+                "timed_compiles": t["timed_compiles"],
+                "lr": float(config.train.learning_rate),
+            }
+            out.append(CandidateResult(test, seconds, samples, info))
+        return out
+    _check_embedding(model, teacher_embed)
+    if rows_by_seed is None or any(s not in rows_by_seed for s in seeds):
+        raise ValueError(f"Method {method!r} needs its rows (embeddings and soft labels).")
+    ev = config.evaluate
+    val = val if val is not None else validation_rows(model, teacher_embed, store, config)
+    grid = [float(lr) for lr in ev.lr_grid]
+    search, members = {}, {}  # members: seed -> (group result, member index, group size)
+    if grid:
+        first = rows_by_seed[seeds[0]]
+        a = train_rows_group(
+            model, [first] * len(grid), [seeds[0]] * len(grid), grid, val, config, pad_to=rows_pad
+        )
+        chosen = select_lr(grid, a["val_auc"])
+        lr = grid[chosen]
+        search = {
+            "lr_grid": grid,
+            "lr_grid_val_auc": np.max(
+                np.where(np.isnan(a["val_auc"]), -np.inf, a["val_auc"]), axis=1
+            ).tolist(),
+            "lr_search_seconds": a["seconds"],
+        }
+        # The first seed's run at the chosen rate is the grid's member: same init, order, rows.
+        members[seeds[0]] = (a, chosen, len(grid))
+    else:
+        lr = float(ev.learning_rate)
+    rest = [s for s in seeds if s not in members]
+    if rest:
+        b = train_rows_group(
+            model,
+            [rows_by_seed[s] for s in rest],
+            rest,
+            [lr] * len(rest),
+            val,
+            config,
+            pad_to=rows_pad,
+        )
+        members.update({s: (b, g, len(rest)) for g, s in enumerate(rest)})
+    for seed in seeds:
+        res, g, size = members[seed]
+        share = res["seconds"] / size  # one member's share of its vmapped group
+        params = {"embed": teacher_embed, "dense": group.unstack(res["params"], g)}
+        t: dict = {}
+        test, seconds, samples = finetune_and_test(
+            model,
+            params,
+            group.unstack(res["state"], g),
+            store,
+            config,
+            seed,
+            subsequent,
+            timings=t,
+        )
+        info = {
+            "seed": seed,
+            "lr": lr,
+            **search,
+            "best_epoch": int(res["best_epoch"][g]),
+            "val_auc_per_epoch": res["val_auc"][g].tolist(),
+            "rows": int(np.asarray(rows_by_seed[seed]["e"]).shape[0]),
+            "rows_seconds": share,
+            "rows_group_size": size,
+            "historical_seconds": share,
+            "finetune_seconds": seconds,
+            "timed_compiles": t["timed_compiles"] + res["compiles"],
+        }
+        out.append(CandidateResult(test, share + seconds, res["samples"] + samples, info))
+    return out
 
 
 def run_candidate(
@@ -234,36 +509,9 @@ def run_candidate(
     rows: dict | None,
     seed: int,
 ) -> CandidateResult:
-    """Trains and tests one candidate under `method`'s protocol."""
-    fmap = store.feature_map
-    subsequent = [s.name for s in fmap.stages_with_role("subsequent")]
-    historical = [s.name for s in fmap.stages_with_role("historical")]
-    if method in ("full_data", "cold_start"):
-        params, state = model.init(jax.random.key(seed))
-        stages = historical + subsequent if method == "full_data" else subsequent
-        test, seconds, samples = finetune_and_test(
-            model, params, state, store, config, seed, stages
-        )
-        return CandidateResult(test, seconds, samples, {"stages": stages})
-    _check_embedding(model, teacher_embed)
-    if method == "warmup_start":
-        params_dense, state = model.init_dense(jax.random.key(seed))
-        params = {"embed": teacher_embed, "dense": params_dense}
-        test, seconds, samples = finetune_and_test(
-            model, params, state, store, config, seed, subsequent
-        )
-        return CandidateResult(test, seconds, samples, {"stages": subsequent})
-    if rows is None:
-        raise ValueError(f"Method {method!r} needs its rows (embeddings and soft labels).")
-    params_dense, state, info, rows_seconds, rows_samples = train_on_rows(
-        model, teacher_embed, rows, store, config, seed
-    )
-    params = {"embed": teacher_embed, "dense": params_dense}
-    test, seconds, samples = finetune_and_test(
-        model, params, state, store, config, seed, subsequent
-    )
-    info["finetune_seconds"] = seconds
-    return CandidateResult(test, rows_seconds + seconds, rows_samples + samples, info)
+    """Trains and tests one candidate under `method`'s protocol, one seed (see `run_seeds`)."""
+    by_seed = None if rows is None else {seed: rows}
+    return run_seeds(method, model, store, config, teacher_embed, by_seed, [seed])[0]
 
 
 def _check_embedding(model: RecModel, teacher_embed: dict) -> None:
