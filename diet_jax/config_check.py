@@ -26,6 +26,7 @@ from diet_jax import results
 from diet_jax.data import prepare, raw, synthetic, tmall
 from diet_jax.distill import driver
 from diet_jax.errors import ConfigError, one_line
+from diet_jax.evaluate import pool
 from diet_jax.models import BACKBONES, dcnv2, finalnet, layers
 from diet_jax.train import steps
 from diet_jax.train.sparse import EMBEDDING_OPTIMIZERS
@@ -190,6 +191,7 @@ def check_evaluate(c) -> None:
         "evaluate.kmeans_max_rows",
     )
     in_range(c, "evaluate.el2n_percentile", 0, 1)
+    pool.check(c)  # the candidate pool: backbones, override keys, seeds, LR grid
 
 
 def check_parallel(c) -> None:
