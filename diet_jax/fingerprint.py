@@ -135,11 +135,6 @@ def fingerprint(
     return {"fingerprint": hashlib.sha256(text.encode()).hexdigest()[:20], **record}
 
 
-def combine(*parts: Any) -> str:
-    """A fingerprint of several values (fingerprints, names), order-sensitive."""
-    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
-
-
 def changes(old: Mapping | None, new: Mapping) -> list[str]:
     """Names of what differs between two fingerprint records: config keys, then "input X"."""
     if not old:
