@@ -30,21 +30,15 @@ def nonfinite_message(phase: str, stage: str | None, step: int, checkpoint: str 
     )
 
 
-@jax.jit
-def _track(first_K, count, finite, step):
-    """Device-side record of non-finite steps: (first bad step or -1, how many); no host sync."""
-    bad = ~finite
-    return jnp.where((first_K < 0) & bad, step, first_K), count + bad.astype(jnp.int32)
-
-
 class NonFiniteTracker:
-    """Collects a step's `finite` flag on the device; `check()` (at a logging interval) reads
-    it back and raises NonFiniteError (stop policy) or counts skipped steps (skip_batch)."""
+    """Keeps each step's `finite` flag (a device scalar the step already returns: no extra
+    dispatch); `check()`, at a logging interval, reads the flags back in one transfer and
+    raises NonFiniteError (stop policy) or counts the skipped steps (skip_batch)."""
 
     def __init__(self, phase: str, stage: str | None = None, checkpoint: str | None = None):
         self.phase, self.stage, self.checkpoint = phase, stage, checkpoint
-        self.first = jnp.full((), -1, jnp.int32)
-        self.count = jnp.zeros((), jnp.int32)
+        self.flags: list = []
+        self.steps: list[int] = []
         self.skipping = False
         self.skipped = 0
 
@@ -53,24 +47,29 @@ class NonFiniteTracker:
         if finite is None:  # a step without the flag: its loss alone
             finite = jnp.isfinite(step_metrics.get("loss", step_metrics.get("meta_loss")))
         self.skipping = self.skipping or "skipped" in step_metrics
-        self.first, self.count = _track(self.first, self.count, finite, jnp.int32(step))
+        self.flags.append(finite)
+        self.steps.append(step)
 
     def check(self) -> None:
-        first, count = int(self.first), int(self.count)
-        if first < 0:
+        if not self.flags:
+            return
+        finite = np.asarray(jax.device_get(self.flags), bool).reshape(-1)
+        bad = [s for s, ok in zip(self.steps, finite, strict=True) if not ok]
+        self.flags, self.steps = [], []
+        if not bad:
             return
         if not self.skipping:
-            raise NonFiniteError(nonfinite_message(self.phase, self.stage, first, self.checkpoint))
-        if count > self.skipped:
-            logging.warning(
-                "%s%s: skipped %d batch(es) with a non-finite loss or gradient norm (first at "
-                "step %d; train.nan_policy='skip_batch').",
-                self.phase,
-                f" {self.stage}" if self.stage else "",
-                count,
-                first,
-            )
-            self.skipped = count
+            raise NonFiniteError(nonfinite_message(self.phase, self.stage, bad[0], self.checkpoint))
+        self.skipped += len(bad)
+        logging.warning(
+            "%s%s: skipped %d batch(es) with a non-finite loss or gradient norm (steps %s; "
+            "train.nan_policy='skip_batch'), %d in all.",
+            self.phase,
+            f" {self.stage}" if self.stage else "",
+            len(bad),
+            bad[:10],
+            self.skipped,
+        )
 
 
 def train_epoch(
