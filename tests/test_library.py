@@ -95,6 +95,20 @@ def test_load_module_specs(tmp_path):
             factory.load_module(spec)
 
 
+def test_proxy_module_keys_are_checked(tiny_config):
+    dc = tiny_config.distill
+    assert dc.proxy_module == "" and factory.proxy_from_config(tiny_config, _fmap()) is None
+    dc.proxy_module = "tests.test_library:Flat"
+    proxy = factory.proxy_from_config(tiny_config, _fmap())
+    assert proxy.name == "flat" and set(proxy.init_dense(jax_key())[0]) == {"backbone", "head"}
+    dc.influence_at = "teacher"
+    with pytest.raises(ValueError, match="influence_at must be 'proxy'"):
+        factory.proxy_from_config(tiny_config, _fmap())
+    dc.influence_at, dc.proxy_output = "proxy", "probabilities"
+    with pytest.raises(ValueError, match="config.distill.proxy_output must be one of"):
+        factory.check_proxy_config(dc)
+
+
 def _toy_distilled(n=5, f=8, d=4, k=3, **changes):
     rng = np.random.default_rng(0)
     base = export.Distilled(

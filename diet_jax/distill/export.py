@@ -114,6 +114,9 @@ def save(path: str, d: Distilled) -> str:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays, **scalars)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a dataset is for sharing
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
