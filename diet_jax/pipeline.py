@@ -108,7 +108,7 @@ def run(config, workdir: str) -> dict:
     timings["distill_restored_stages"] = dist.restored
 
     # ---------------------------------------------------------------- Candidates x methods
-    if config.evaluate.methods and config.evaluate.models:
+    if config.evaluate.methods:  # evaluate.models = () means the whole candidate pool
 
         def save(r):
             if is_main:
