@@ -139,7 +139,7 @@ def _run(config, workdir: str, is_main: bool) -> dict:
     # ---------------------------------------------------------------- Candidates x methods
     _phase("candidates")
     _drop_stale_selections(workdir, records)
-    if config.evaluate.methods and config.evaluate.models:
+    if config.evaluate.methods:  # evaluate.models = () means the whole candidate pool
 
         def save(r):
             _stamp_results(r, records)

@@ -255,3 +255,25 @@ def test_every_method_is_timed_alike_without_compilation(tiny_reference):
         assert out.info["historical_seconds"] + out.info["finetune_seconds"] == pytest.approx(
             out.train_seconds
         )
+
+
+def test_tiny_run_covers_the_pool_with_seed_keys_and_both_cost_ratios(tiny_run):
+    from diet_jax.results import CANDIDATE_METHODS
+
+    workdir, res = tiny_run
+    entries = [r for r in res["results"] if r["method"] != "reference"]
+    assert {(r["method"], r["model"]) for r in entries} == {
+        (m, c) for m in CANDIDATE_METHODS for c in ("dcn", "dcn_narrow", "wukong")
+    }
+    for r in entries:
+        assert r["seeds"] == [0] and len(r["per_seed"]) == 1 and r["auc_std"] == 0.0
+        assert r["auc"] == r["per_seed"][0]["auc"]
+        assert r["backbone"] == ("wukong" if r["model"] == "wukong" else "dcn")
+    for info in res["candidate_info"].values():
+        assert all(i["timed_compiles"] == 0 for i in info)
+    diet = res["fidelity"]["diet"]
+    assert {"kendall_ci", "cost_ratio_historical", "cost_ratio_end_to_end"} <= set(diet)
+    assert np.isnan(res["fidelity"]["cold_start"]["cost_ratio_historical"])
+    report = open(os.path.join(workdir, "report.md")).read()
+    assert "Kendall tau [95% CI]" in report and "figure1.png" in report
+    assert os.path.exists(os.path.join(workdir, "figure1.png"))

@@ -24,8 +24,9 @@ def test_pool_parses_overrides_and_builds_named_candidates(tiny_config):
     fmap = FeatureMap("t", ("a", "b"), (5, 7), ("click",), ())
     model = pool.build(cand, tiny_config, fmap)
     assert model.name == "dcn_deep" and model.dense_net.backbone.hidden == (32, 16, 8)
-    tiny_config.evaluate.models = ("wukong",)
-    assert [c.name for c in pool.candidates(tiny_config)] == ["wukong"]
+    assert [c.name for c in pool.candidates(tiny_config)] == ["dcn", "dcn_narrow", "wukong"]
+    tiny_config.evaluate.models = ("wukong", "dcn")  # a selection by name, in pool order
+    assert [c.name for c in pool.candidates(tiny_config)] == ["dcn", "wukong"]
 
 
 @pytest.mark.parametrize(
@@ -51,7 +52,7 @@ def test_pool_check_rejects_repeats_bad_models_seeds_and_grid(tiny_config):
     pool.check(tiny_config)  # the shipped pool is valid
     for key, value, match in [
         ("candidates", ("a:dcn", "a:wukong"), "repeats"),
-        ("models", ("dcn", "resnet"), "resnet"),
+        ("models", ("dcn", "resnet"), "unknown candidate"),
         ("seeds", 0, "evaluate.seeds"),
         ("lr_grid", (1e-3, -1.0), "lr_grid"),
     ]:
