@@ -138,8 +138,11 @@ def kmeans_select(
     chunk = max(assign_chunk, chunk - chunk % assign_chunk)
 
     def assigned(lo, hi):
-        a, d = _assign(jnp.asarray(rep_fn(np.arange(lo, hi))), c_KxD, assign_chunk)
-        return np.asarray(a), np.asarray(d)
+        rep = rep_fn(np.arange(lo, hi))
+        if hi - lo < chunk:  # one shape for every chunk: one compilation
+            rep = np.concatenate([rep, np.zeros((chunk - (hi - lo), rep.shape[1]), rep.dtype)])
+        a, d = _assign(jnp.asarray(rep), c_KxD, assign_chunk)
+        return np.asarray(a)[: hi - lo], np.asarray(d)[: hi - lo]
 
     sizes = np.zeros(k, np.int64)
     for lo, hi in _chunk_spans(rows, chunk):

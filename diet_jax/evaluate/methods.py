@@ -14,6 +14,7 @@ import functools
 import os
 import time
 
+import jax
 import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
@@ -30,6 +31,12 @@ from diet_jax.train.reference import ReferenceRun
 
 SELECTIONS = ("random", "el2n", "kmeans")
 REDUCED = (*SELECTIONS, "diet")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _embed(model, table, x_BxF):
+    """The teacher's embeddings of rows: K-means' representation (no dense pass needed)."""
+    return model.embed(table, x_BxF)
 
 
 def selection_memory(method: str, config, store: StageStore, ref: ReferenceRun) -> Memory:
@@ -63,8 +70,8 @@ def selection_memory(method: str, config, store: StageStore, ref: ReferenceRun) 
         else:
             # K-means on the rows' embeddings (flattened), fitted on a seeded subsample of at
             # most kmeans_max_rows rows; every row is then assigned in chunks.
-            def rep_fn(rows, stage=stage, convert=convert):
-                e = convert(stage.x_NxF[rows]).e_NxFxD
+            def rep_fn(rows, stage=stage, table=teacher.params["embed"]):
+                e = _embed(ref.model, table, np.asarray(stage.x_NxF[rows]))
                 return np.asarray(e).reshape(len(rows), -1)
 
             idx = baselines.kmeans_select(
