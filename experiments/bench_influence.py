@@ -193,6 +193,18 @@ def main(_):
             whole[mode] = timed_cpu(
                 make_address(mode, hard_size, active_size), params, real, syn, repeats=r
             )
+
+        # FLOPs (XLA's cost analysis; no loops when size <= chunk) against CPU seconds: the rate of
+        # the shared path next to that of one plain gradient pass over the memory (G_syn alone).
+        def gflop(fn, *args):
+            cost = fn.lower(*args).compile().cost_analysis()
+            return (cost[0] if isinstance(cost, list) else cost)["flops"] / 1e9
+
+        g_only = jax.jit(lambda w, b: influence.grad_sum(loss_fn, w, b, chunk_size=address_chunk))
+        t_go, _, c_go = timed_cpu(g_only, params, syn, repeats=r)
+        f_sh = gflop(make_address("shared", hard_size, active_size), params, real, syn)
+        f_sep = gflop(make_address("separate", hard_size, active_size), params, real, syn)
+        f_go = gflop(g_only, params, syn)
         same = all(
             bool(jnp.all(jnp.sort(a) == jnp.sort(b)))
             for a, b in zip(whole["shared"][1], whole["separate"][1], strict=True)
@@ -210,7 +222,11 @@ def main(_):
             f"    ratio vmap / shared {t_vm / t_sh:5.1f}x wall {c_vm / c_sh:5.1f}x CPU; "
             f"vmap / separate {t_vm / t_sep:5.1f}x wall {c_vm / c_sep:5.1f}x CPU\n"
             f"    same selections shared = separate: {same}; hard targets shared in vmap's: "
-            f"{overlap:.2f}"
+            f"{overlap:.2f}\n"
+            f"    GFLOP: shared {f_sh:.2f} ({f_sh / c_sh:.0f} GFLOP/CPU-s), separate {f_sep:.2f} "
+            f"({f_sep / c_sep:.0f}/CPU-s), one G_syn gradient pass {f_go:.2f} "
+            f"({f_go / c_go:.0f}/CPU-s, {c_go * 1e3:.1f} ms CPU); shared = "
+            f"{f_sh / f_go:.2f} gradient passes"
         )
         if size <= _GHOST_MAX.value:
             t_ghost, d_ghost = timed(ghost_total, params, real, syn, repeats=r)

@@ -12,8 +12,10 @@ the same G networks one after another (same jitted epoch, unvmapped). Reports sa
 per second of both and their ratio; compile and a first call are excluded from both.
 
 Every model is the full recommender (embedding table + backbone + shared MMoE head) of
-`config.model`. The train step is the jitted, donating step of `train/steps.py` with the
-config's optimizer; inference is the jitted eval-mode forward pass. Batches are uniform random ids
+`config.model`. The train step is the jitted, donating step that `train/steps.py`'s
+`make_trainer` builds from the config (the table updated by `train.embedding_optimizer`, as the
+teacher and every candidate train; `--config.train.embedding_optimizer=dense_adam` times optax
+over the whole table); inference is the jitted eval-mode forward pass. Batches are uniform random ids
 inside each field's vocabulary with random labels, placed on the device before timing, so the
 figures measure the model, not the loader (bench_teacher.py times the loader too). Runs on any
 device JAX finds; nothing in it is CPU-specific.
@@ -33,8 +35,7 @@ from ml_collections import config_flags
 
 from diet_jax.data.store import FeatureMap
 from diet_jax.models import BACKBONES, build_model
-from diet_jax.train.optim import make_optimizer
-from diet_jax.train.steps import create_train_state, make_predict_step, make_train_step
+from diet_jax.train.steps import make_predict_step, make_trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/synthetic.py", "Config file.", lock_config=True
@@ -102,18 +103,18 @@ def time_calls(fn, n_warmup: int, n_steps: int) -> float:
 
 def bench_model(config, fmap: FeatureMap, name: str, batch_sizes: list[int]) -> list[dict]:
     model = build_model(config.model, fmap, name)
-    tx = make_optimizer(config.train)
+    trainer = make_trainer(model, config.train)
     params, model_state = model.init(jax.random.key(config.seed))
     n_dense = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params["dense"]))
     n_embed = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params["embed"]))
-    train_step = make_train_step(model, tx)
+    train_step = trainer.step
     predict_step = make_predict_step(model)
     rows = []
     for bs in batch_sizes:
         batches = random_batches(fmap, bs)
         # Copies: the train step donates its state, and inference keeps using the originals.
         fresh = jax.tree.map(jnp.array, (params, model_state))
-        box = {"state": create_train_state(*fresh, tx)}
+        box = {"state": trainer.init(*fresh)}
 
         def train(i, box=box, batches=batches):
             box["state"], m = train_step(box["state"], batches[i % _NUM_BATCHES])
@@ -215,7 +216,8 @@ def main(argv):
     print(
         f"device: {dev.platform} {dev.device_kind} x{jax.device_count()}  fields: "
         f"{fmap.num_fields}  embed_dim: {config.model.embed_dim}  tasks: {fmap.num_tasks}  "
-        f"steps: {_STEPS.value}"
+        f"steps: {_STEPS.value}  embedding optimizer: "
+        f"{config.train.get('embedding_optimizer', 'dense_adam')}  load: {os.getloadavg()[0]:.1f}"
     )
     rows = []
     if _VMAPPED.value:

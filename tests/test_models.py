@@ -370,6 +370,50 @@ def test_interaction_aggregation_per_head_bilinear():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_fast_formulations_equal_the_previous_ones():
+    """FinalMLP's per-head fusion and WuKong's LayerNorm against the formulations they replaced
+    (a batched einsum over heads; flax's nn.LayerNorm): same outputs and same gradients."""
+    import flax.linen as nn
+
+    from diet_jax.models.wukong import LayerNormAxis
+
+    def close(a, b):
+        jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6), a, b)
+
+    b, dx, dy, o, h = 4, 8, 6, 3, 2
+    x = jax.random.normal(jax.random.key(0), (b, dx))
+    y = jax.random.normal(jax.random.key(1), (b, dy))
+    agg = InteractionAggregation(o, h)
+    p = jax.tree.map(lambda a: a + 0.1, agg.init(jax.random.key(2), x, y)["params"])
+
+    def einsum_fusion(p, x, y):
+        out = x @ p["w_x"]["kernel"] + p["w_x"]["bias"] + y @ p["w_y"]["kernel"] + p["w_y"]["bias"]
+        t = jnp.einsum("bhx,hxoy->bhoy", x.reshape(b, h, -1), p["w_xy"])
+        return out + jnp.einsum("bhoy,bhy->bo", t, y.reshape(b, h, -1))
+
+    def fused(p, x, y):
+        return agg.apply({"params": p}, x, y)
+
+    close(fused(p, x, y), einsum_fusion(p, x, y))
+
+    def grad(f, *args):
+        return jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=tuple(range(len(args))))(*args)
+
+    close(grad(fused, p, x, y), grad(einsum_fusion, p, x, y))
+
+    x3 = 3.0 + jax.random.normal(jax.random.key(3), (3, 5, 4))
+    ln = {"scale": jnp.linspace(0.5, 2.0, 4), "bias": jnp.linspace(-1.0, 1.0, 4)}
+
+    def ours(p, x):
+        return LayerNormAxis().apply({"params": p}, x)
+
+    def flax_ln(p, x):
+        return nn.LayerNorm(epsilon=1e-5).apply({"params": p}, x)
+
+    close(ours(ln, x3), flax_ln(ln, x3))
+    close(grad(ours, ln, x3), grad(flax_ln, ln, x3))
+
+
 def test_wukong_fm_block_is_rank_k_factorization_machine():
     b, n, d, k = 3, 5, 4, 2
     x = jax.random.normal(jax.random.key(0), (b, n, d))
