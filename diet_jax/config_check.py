@@ -27,7 +27,7 @@ from diet_jax.data import prepare, raw, synthetic, tmall
 from diet_jax.distill import driver
 from diet_jax.errors import ConfigError, one_line
 from diet_jax.evaluate import pool
-from diet_jax.models import BACKBONES, dcnv2, finalnet, layers
+from diet_jax.models import BACKBONES, dcnv2, factory, finalnet, layers
 from diet_jax.train import steps
 from diet_jax.train.sparse import EMBEDDING_OPTIMIZERS
 
@@ -167,6 +167,7 @@ def check_train(c) -> None:
 
 def check_distill(c) -> None:
     driver.check_config(c.distill)
+    factory.check_proxy_config(c.distill)  # a user module as the distillation proxy
     non_negative(
         c,
         "distill.max_grad_norm",
