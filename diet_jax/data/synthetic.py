@@ -68,6 +68,11 @@ def stage_plan(data_cfg) -> list[tuple[str, str, int]]:
     return plan
 
 
+def check(cfg) -> None:
+    """Rejects bad `data` values of the synthetic stream with the key's name (ValueError)."""
+    _check_config(cfg)
+
+
 def _check_config(cfg) -> None:
     f = len(cfg.vocab_sizes)
     if f < 2:
