@@ -8,7 +8,9 @@ variants of the paper's ablation draw a random subset of the same size instead.
 
 With both directions on, `address` runs the memory's forward pass once: the memory gradient of
 the deficiency and the memory scores of the responsibility come from one linearization
-(`influence.linearize_losses`), the same numbers as `hard_targets` then `active_memory`.
+(`influence.linearize_losses`), the same numbers as `hard_targets` then `active_memory`. (Jitted
+together, those two get the same sharing from XLA's common-subexpression elimination: the same
+FLOP count, 7.6 forward passes in all for B = N; the linearization makes it explicit.)
 
 All functions are traceable; `diet_jax.distill.bilevel` calls them inside its jitted step.
 """
