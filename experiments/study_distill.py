@@ -71,6 +71,12 @@ GROUPS = {
         ("default", OLD),
         ("chosen", {**BASE, IT: 10}),
     ],
+    # The percentile again on the history-matters stream, everything else at the new defaults.
+    "recheck": [
+        ("chosen", {**BASE, IT: 10}),
+        ("chosen_p90", {**BASE, IT: 10, P: 0.9}),
+        ("chosen_p30", {**BASE, IT: 10, P: 0.3}),
+    ],
     # Memory fusion's retention rule at t > 1.
     "retention": [
         ("it1_p50", {**OLD, IT: 1, P: 0.5}),

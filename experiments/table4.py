@@ -85,9 +85,10 @@ def main(_):
         f"## Table 4 (validation AUC, {'after the fine-tune' if _FINETUNE.value else 'rows only'}"
         f"; seeds {seeds}; load {os.getloadavg()[0]:.1f}, shared CPU)\n\n" + "\n".join(lines) + "\n"
     )
-    with open(os.path.join(sh.root, "table4.md.tmp"), "w") as f:
+    path = os.path.join(sh.root, "table4_ft.md" if _FINETUNE.value else "table4.md")
+    with open(path + ".tmp", "w") as f:
         f.write(text)
-    os.replace(os.path.join(sh.root, "table4.md.tmp"), os.path.join(sh.root, "table4.md"))
+    os.replace(path + ".tmp", path)
     print(text)
 
 
