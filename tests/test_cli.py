@@ -4,6 +4,7 @@ Each case is a subprocess that stops early (a few seconds: the imports, no train
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -28,8 +29,10 @@ def _run(tmp_path, *args, config="configs/synthetic.py:tiny"):
 
 def _one_line_error(done) -> str:
     assert done.returncode == main.USER_ERROR, done.stderr[-3000:]
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1, done.stderr[-3000:]  # no traceback, no INFO lines
+    # The run's own "phase: <name>" progress lines (absl INFO, see pipeline._phase) may come
+    # before the error; nothing else may: no traceback, no library INFO lines.
+    lines = [ln for ln in done.stderr.splitlines() if not re.search(r"\] phase: \w+$", ln)]
+    assert len(lines) == 1, done.stderr[-3000:]
     assert lines[0].startswith("diet_jax: error: ")
     return lines[0]
 
