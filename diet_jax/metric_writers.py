@@ -67,7 +67,7 @@ class TensorBoardWriter:
         for key, v in labels:
             if key == "stage" and step is None:  # per-stage summaries: against the stage number
                 step = self._stage_index.setdefault(v, len(self._stage_index) + 1)
-            elif v not in words:
+            elif v not in words and _tag_part(v) not in parts:  # backbone == candidate name
                 parts.append(_tag_part(v))
         prefix = "/".join(parts)
         if step is None:

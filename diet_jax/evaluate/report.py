@@ -31,7 +31,8 @@ def _fmt(x: float) -> str:
 
 
 def _is_base(r: dict) -> bool:
-    return r["model"] in MODEL_ORDER and r.get("backbone", r["model"]) == r["model"]
+    """A zoo backbone's base setting, or a user's own model (diet_jax.candidate)."""
+    return r["method"] != "reference" and r.get("backbone", r["model"]) == r["model"]
 
 
 def _auc_cell(r: dict) -> str:
@@ -45,7 +46,8 @@ def table3(results: list[dict]) -> str:
     """Methods x base candidates (the paper's Table 3 view of the pool), AUC (mean ± std over
     seeds) and LogLoss; best mean AUC per model in bold, second underlined."""
     by = {(r["method"], r["model"]): r for r in results if _is_base(r)}
-    models = [m for m in MODEL_ORDER if any(k[1] == m for k in by)]
+    present = list(dict.fromkeys(k[1] for k in by))
+    models = [m for m in MODEL_ORDER if m in present] + [m for m in present if m not in MODEL_ORDER]
     methods = [m for m in METHOD_ORDER if any(k[0] == m for k in by)]
     head = "| Method | " + " | ".join(f"{m} AUC | {m} LogLoss" for m in models) + " |"
     sep = "|---|" + "---|---|" * len(models)
@@ -76,7 +78,8 @@ def pool_table(results: list[dict]) -> str:
     cands = [r for r in results if r["method"] == "full_data"] or [
         r for r in results if r["method"] != "reference"
     ]
-    names = list(dict.fromkeys(r["model"] for r in cands))
+    others = [r for r in results if r["method"] != "reference"]  # e.g. a user's own model
+    names = list(dict.fromkeys(r["model"] for r in cands + others))
     by = {(r["method"], r["model"]): r for r in results if r["method"] != "reference"}
     methods = [m for m in METHOD_ORDER if any(k[0] == m for k in by)]
     lines = [
