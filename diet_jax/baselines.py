@@ -77,17 +77,23 @@ def kmeans(x_NxD: jax.Array, rng: jax.Array, *, k: int, iters: int = 20, chunk: 
     return c, assign, dist
 
 
+def cluster_quotas(sizes_K: np.ndarray, n: int) -> np.ndarray:
+    """n split over clusters in proportion to their sizes (largest remainder, capped by size)."""
+    sizes_K = np.asarray(sizes_K, np.float64)
+    exact = n * sizes_K / sizes_K.sum()
+    quota = np.floor(exact).astype(np.int64)
+    short = n - quota.sum()
+    if short > 0:
+        room = np.where(quota < sizes_K, exact - quota, -np.inf)
+        quota[np.argsort(-room, kind="stable")[:short]] += 1
+    return quota
+
+
 def nearest_to_centroids(assign_N: np.ndarray, dist_N: np.ndarray, k: int, n: int) -> np.ndarray:
     """n rows: every cluster gets a quota proportional to its size (largest remainder), filled
     with its rows nearest the centroid. Returns sorted row indices."""
     assign_N, dist_N = np.asarray(assign_N), np.asarray(dist_N)
-    sizes = np.bincount(assign_N, minlength=k).astype(np.float64)
-    exact = n * sizes / sizes.sum()
-    quota = np.floor(exact).astype(np.int64)
-    short = n - quota.sum()
-    if short > 0:
-        room = np.where(quota < sizes, exact - quota, -np.inf)
-        quota[np.argsort(-room, kind="stable")[:short]] += 1
+    quota = cluster_quotas(np.bincount(assign_N, minlength=k), n)
     order = np.lexsort((dist_N, assign_N))  # by cluster, then by distance
     sorted_assign = assign_N[order]
     first = np.searchsorted(sorted_assign, np.arange(k))
@@ -147,12 +153,7 @@ def kmeans_select(
     sizes = np.zeros(k, np.int64)
     for lo, hi in _chunk_spans(rows, chunk):
         sizes += np.bincount(assigned(lo, hi)[0], minlength=k)
-    exact = n * sizes / sizes.sum()
-    quota = np.floor(exact).astype(np.int64)
-    short = n - quota.sum()
-    if short > 0:
-        room = np.where(quota < sizes, exact - quota, -np.inf)
-        quota[np.argsort(-room, kind="stable")[:short]] += 1
+    quota = cluster_quotas(sizes, n)
     keep_idx = np.zeros(0, np.int64)
     keep_a = np.zeros(0, np.int64)
     keep_d = np.zeros(0, np.float32)
