@@ -28,10 +28,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.task_mix = 0.5  # weight of each task's private interaction matrix (0 = identical tasks)
     c.data.signal_scale = 1.5  # std of the true logit: sets the best achievable AUC
     c.data.num_historical_stages = 3
-    c.data.stage_rows = 100_000
-    c.data.subsequent_rows = 50_000
-    c.data.validation_rows = 25_000
-    c.data.test_rows = 25_000
+    c.data.stage_rows = 30_000
+    c.data.subsequent_rows = 10_000
+    c.data.validation_rows = 10_000
+    c.data.test_rows = 10_000
     c.data.popularity_shift = 0.05  # fraction of each field's rank->id map permuted per stage
     c.data.preference_drift = 0.1  # AR(1) step of the latent preferences per stage
     c.data.interaction_drift = 0.3  # AR(1) step of the task interaction matrices per stage

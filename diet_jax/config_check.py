@@ -181,7 +181,9 @@ def check_distill(c) -> None:
 
 def check_evaluate(c) -> None:
     names_in(c, "evaluate.methods", results.CANDIDATE_METHODS)
-    names_in(c, "evaluate.models", BACKBONES)
+    # evaluate.models names candidates of the pool (a variant as well as a base backbone)
+    names = [pool.parse(spec).name for spec in c.evaluate.candidates if isinstance(spec, str)]
+    names_in(c, "evaluate.models", names)
     positive(
         c,
         "evaluate.max_epochs",

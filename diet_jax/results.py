@@ -115,7 +115,7 @@ def seed_entry(method: str, model: str, backbone: str, per_seed: list[dict]) -> 
     e["auc_std"] = stats([p["auc"] for p in per_seed])[1]
     e["logloss_std"] = stats([p["logloss"] for p in per_seed])[1]
     e["train_seconds_std"] = stats([p["train_seconds"] for p in per_seed])[1]
-    for key in ("historical_seconds", "finetune_seconds"):
+    for key in ("historical_seconds", "finetune_seconds", "historical_epochs"):
         if all(key in p for p in per_seed):
             e[key] = stats([p[key] for p in per_seed])[0]
     e["seeds"] = [int(p["seed"]) for p in per_seed]

@@ -14,6 +14,7 @@ from diet_jax import config_check, parallel
 from diet_jax.data import movielens, prepare, raw, taobao
 from diet_jax.data.store import StageStore
 from diet_jax.errors import ConfigError, DataError, MissingDataError, UserError
+from diet_jax.evaluate import pool
 from diet_jax.models import BACKBONES, build_model
 from diet_jax.models.factory import build_backbone
 
@@ -207,6 +208,21 @@ def test_bad_name_or_range_is_a_config_error(name, key, value, match):
     with c.unlocked(), c.ignore_type():
         node[leaf] = value
     with pytest.raises(ConfigError, match=match):
+        config_check.validate(c)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_evaluate_models_may_name_any_candidate_of_the_pool(variant):
+    """A pool variant is run by its name, not only the five base backbones."""
+    c = load_config("synthetic", variant)
+    names = [pool.parse(spec).name for spec in c.evaluate.candidates]
+    variant_name = next(n for n in names if n not in BACKBONES)
+    with c.unlocked():
+        c.evaluate.models = (variant_name, "dcn")
+    config_check.validate(c)
+    with c.unlocked():
+        c.evaluate.models = (variant_name + "_x",)
+    with pytest.raises(ConfigError, match=f"'{variant_name}_x'"):
         config_check.validate(c)
 
 

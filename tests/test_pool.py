@@ -139,6 +139,7 @@ def test_fidelity_table_reports_both_cost_ratios_and_a_seeded_interval():
             method, model, "dcn", [_seed(s, a, 0.4, total) for s, a in enumerate(aucs)]
         )
         e["historical_seconds"] = hist
+        e["historical_epochs"] = 1 if method == "full_data" else 8
         return e
 
     res = [
@@ -152,6 +153,8 @@ def test_fidelity_table_reports_both_cost_ratios_and_a_seeded_interval():
     t = fidelity.fidelity_table(res, bootstrap=200)["random"]
     assert t["cost_ratio_end_to_end"] == pytest.approx(300 / 40) == t["cost_ratio"]
     assert t["cost_ratio_historical"] == pytest.approx(270 / 6)
+    # per epoch: full data 90 s per epoch each, random 1/8, 2/8, 3/8 s per epoch
+    assert t["cost_ratio_historical_per_epoch"] == pytest.approx(270 / (6 / 8))
     assert t["kendall"] == pytest.approx(1.0)
     lo, hi = t["kendall_ci"]
     assert -1.0 <= lo <= hi <= 1.0 and hi == pytest.approx(1.0)

@@ -173,6 +173,7 @@ def run_all(
                 "train_samples": int(o.train_samples),
                 "historical_seconds": float(o.info["historical_seconds"]),
                 "finetune_seconds": float(o.info["finetune_seconds"]),
+                "historical_epochs": int(o.info["historical_epochs"]),
                 "lr": float(o.info["lr"]),
             }
             for seed, o in zip(seeds, outs, strict=True)
@@ -200,7 +201,9 @@ def run_all(
                 logloss=e["logloss"],
                 train_seconds=e["train_seconds"],
             )
-        res["fidelity"] = fidelity.fidelity_table(res["results"], bootstrap=int(ev.bootstrap))
+        # Point estimates after every entry; the bootstrap intervals (about a second per method
+        # over a pool) once at the end, and again on a resume.
+        res["fidelity"] = fidelity.fidelity_table(res["results"], bootstrap=0)
         if save is not None:
             save(res)
     res["fidelity"] = fidelity.fidelity_table(res["results"], bootstrap=int(ev.bootstrap))

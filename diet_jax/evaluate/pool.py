@@ -49,14 +49,11 @@ DEFAULT_POOL = (
     "finalnet_1b:finalnet:block_type='1B'",
     "finalmlp_small:finalmlp:mlp1_hidden=(128,64):mlp2_hidden=(128,64)",
     "wukong_small:wukong:lcb_features=8:fmb_features=8:fmb_hidden=(64,)",
-    "dcn_cross1:dcn:num_cross_layers=1",
-    "dcnv2_stacked:dcnv2:structure='stacked'",
-    "finalnet_relu:finalnet:act='relu'",
-    "finalmlp_nofs:finalmlp:use_fs=False",
-    "wukong_2l:wukong:num_layers=2",
     "dcn_deep:dcn:hidden=(256,128,64):num_cross_layers=4",
-    "dcnv2_mix:dcnv2:low_rank_mixture=True",
-    "finalnet_wide:finalnet:block1_hidden=(128,128):block2_hidden=(128,128)",
+    "dcnv2_crossnet:dcnv2:structure='crossnet_only'",
+    "finalnet_relu:finalnet:act='relu'",
+    "finalmlp_small_nofs:finalmlp:mlp1_hidden=(128,64):mlp2_hidden=(128,64):use_fs=False",
+    "wukong_mid:wukong:lcb_features=16:fmb_features=16:fmb_hidden=(128,64):top_hidden=(128,64)",
 )
 TINY_POOL = ("dcn:dcn", "dcn_narrow:dcn:hidden=(8,)", "wukong:wukong")
 

@@ -112,10 +112,23 @@ def pad_rows(e_VxFxD: np.ndarray, chunk: int) -> np.ndarray:
     return np.concatenate([e_VxFxD, np.zeros((pad, *e_VxFxD.shape[1:]), e_VxFxD.dtype)])
 
 
-def stack(trees: list):
-    """[tree, ...] -> one tree with a leading member axis."""
+# Jitted over the whole tree: op by op, every leaf shape of every new architecture would compile
+# its own little stack / slice program (dozens per candidate).
+@jax.jit
+def _stack(*trees):
     return jax.tree.map(lambda *a: jnp.stack(a), *trees)
 
 
-def unstack(tree, g: int):
+@jax.jit
+def _unstack(tree, g):
     return jax.tree.map(lambda a: a[g], tree)
+
+
+def stack(trees: list):
+    """[tree, ...] -> one tree with a leading member axis."""
+    return _stack(*trees)
+
+
+def unstack(tree, g: int):
+    """Member g of a stacked tree."""
+    return _unstack(tree, jnp.asarray(g, jnp.int32))

@@ -1,0 +1,144 @@
+"""The issue-12 scorecard of a finished run: does DIET beat selection and rank the pool like full data?
+
+    python experiments/fidelity_check.py --workdir=runs/synthetic
+    python experiments/fidelity_check.py --workdir=runs/ml100k --json_out=/tmp/ml.json
+
+Reads `<workdir>/results.json` only (the foundation issue's contract) and prints, as markdown:
+DIET - Random per base backbone (seed mean and std, and the difference's standard error), the
+pool-mean test AUC of every method (with the std over seeds of the pool mean), Kendall tau and
+Spearman against Full Data with their bootstrap intervals, both historical cost ratios, and each
+criterion of the issue as PASS / FAIL with the figure it was decided on. Nothing is recomputed
+but the pool means, so the figures are the run's own.
+"""
+
+import json
+import math
+import os
+
+import numpy as np
+from absl import app, flags
+
+from diet_jax.evaluate import report
+
+_WORKDIR = flags.DEFINE_string("workdir", "runs/synthetic", "A finished run's workdir.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the scorecard as JSON here.")
+
+SELECTIONS = ("random", "el2n", "kmeans")
+
+
+def scorecard(res: dict) -> dict:
+    rows = [r for r in res["results"] if r["method"] != "reference"]
+    by = {(r["method"], r["model"]): r for r in rows}
+    bases = [m for m in report.MODEL_ORDER if ("diet", m) in by and ("random", m) in by]
+    per_backbone = {}
+    for m in bases:
+        d, r = by[("diet", m)], by[("random", m)]
+        n = max(len(d.get("seeds", [0])), 1)
+        se = math.sqrt((d.get("auc_std", 0.0) ** 2 + r.get("auc_std", 0.0) ** 2) / n)
+        per_backbone[m] = {
+            "diet": d["auc"],
+            "diet_std": d.get("auc_std", 0.0),
+            "random": r["auc"],
+            "random_std": r.get("auc_std", 0.0),
+            "diff": d["auc"] - r["auc"],
+            "diff_se": se,
+        }
+    points = report.cost_points(res["results"])
+    fid = res.get("fidelity", {})
+    wins = sum(v["diff"] > 0 for v in per_backbone.values())
+    pool = {m: p["auc"] for m, p in points.items()}
+    diet_tau = fid.get("diet", {}).get("kendall", float("nan"))
+    random_tau = fid.get("random", {}).get("kendall", float("nan"))
+    ratio_h = fid.get("diet", {}).get("cost_ratio_historical", float("nan"))
+    ratio_ep = fid.get("diet", {}).get("cost_ratio_historical_per_epoch", float("nan"))
+    criteria = {
+        "diet_above_random_on_4_of_5_backbones": (wins >= 4, f"{wins} of {len(per_backbone)}"),
+        "diet_above_every_selection_on_pool_mean": (
+            all(pool.get("diet", -1) > pool.get(s, 2) for s in SELECTIONS if s in pool),
+            ", ".join(f"{m} {pool[m]:.4f}" for m in ("diet", *SELECTIONS) if m in pool),
+        ),
+        "diet_kendall_at_least_0.8": (diet_tau >= 0.8, f"{diet_tau:.3f}"),
+        "diet_kendall_above_random": (diet_tau > random_tau, f"{diet_tau:.3f} vs {random_tau:.3f}"),
+        "historical_50x_cheaper_whole_training": (ratio_h >= 50, f"{ratio_h:.1f}x"),
+        "historical_50x_cheaper_per_epoch": (ratio_ep >= 50, f"{ratio_ep:.1f}x"),
+    }
+    return {
+        "candidates": len({r["model"] for r in rows}),
+        "seeds": sorted({len(r.get("seeds", [0])) for r in rows}),
+        "per_backbone": per_backbone,
+        "pool": points,
+        "fidelity": {
+            m: {
+                k: f[k]
+                for k in (
+                    "kendall",
+                    "kendall_ci",
+                    "spearman",
+                    "spearman_ci",
+                    "cost_ratio_historical",
+                    "cost_ratio_historical_per_epoch",
+                    "cost_ratio_end_to_end",
+                )
+                if k in f
+            }
+            for m, f in fid.items()
+        },
+        "criteria": {k: {"pass": bool(v[0]), "value": v[1]} for k, v in criteria.items()},
+    }
+
+
+def _ci(f: dict, key: str) -> str:
+    ci = f.get(f"{key}_ci")
+    value = f.get(key, float("nan"))
+    return f"{value:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def markdown(card: dict) -> str:
+    out = [
+        f"{card['candidates']} candidates, seeds per entry {card['seeds']}",
+        "",
+        "| backbone | DIET | Random | DIET - Random (± s.e.) |",
+        "|---|---|---|---|",
+    ]
+    for m, v in card["per_backbone"].items():
+        out.append(
+            f"| {m} | {v['diet']:.4f} ± {v['diet_std']:.4f} | {v['random']:.4f} ± "
+            f"{v['random_std']:.4f} | {v['diff']:+.4f} ± {v['diff_se']:.4f} |"
+        )
+    out += ["", "| method | pool-mean AUC (± std over seeds) | Kendall tau [95% CI] | "
+            "Spearman [95% CI] | historical ratio (whole / per epoch) | end to end |",
+            "|---|---|---|---|---|---|"]
+    for m, p in card["pool"].items():
+        f = card["fidelity"].get(m, {})
+        ratios = (
+            f"{f.get('cost_ratio_historical', float('nan')):.1f}x / "
+            f"{f.get('cost_ratio_historical_per_epoch', float('nan')):.1f}x"
+            if f
+            else "-"
+        )
+        out.append(
+            f"| {m} | {p['auc']:.4f} ± {p['auc_err']:.4f} | "
+            f"{_ci(f, 'kendall') if f else '-'} | {_ci(f, 'spearman') if f else '-'} | "
+            f"{ratios} | {f.get('cost_ratio_end_to_end', float('nan')):.1f}x |"
+            if f
+            else f"| {m} | {p['auc']:.4f} ± {p['auc_err']:.4f} | - | - | - | - |"
+        )
+    out += ["", "| criterion | result | figure |", "|---|---|---|"]
+    for k, v in card["criteria"].items():
+        out.append(f"| {k} | {'PASS' if v['pass'] else 'FAIL'} | {v['value']} |")
+    return "\n".join(out)
+
+
+def main(_):
+    path = os.path.join(_WORKDIR.value, "results.json")
+    with open(path) as f:
+        res = json.load(f)
+    card = scorecard(res)
+    print(markdown(card))
+    if _JSON_OUT.value:
+        with open(_JSON_OUT.value, "w") as f:
+            json.dump(card, f, indent=1, default=lambda x: float(np.asarray(x)))
+
+
+if __name__ == "__main__":
+    app.run(main)
