@@ -101,6 +101,9 @@ def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
     # Defaults chosen on the VALIDATION day by experiments/study_distill.py (docs/distillation.md
     # "Study"): percentile 0.9 -> 0.5 was the largest gain (DCN, phase 1 alone: 0.7397 -> 0.7923).
     c.distill.percentile = 0.5  # phase 1: EL2N rank kept per label group (0.9 = the paper's)
+    # Phase 1's budget over label groups: "balanced" (equal shares) or "proportional" (as the
+    # stage's label distribution).
+    c.distill.group_split = "balanced"
     # Budget curve (group "budget"): 1 / 20 / 60 iterations gave 0.7999 / 0.8008 / 0.7910; 10
     # keeps distillation within one full-data epoch per stage (experiments/bench_distill.py).
     c.distill.outer_iterations = 8 if tiny else 10  # phase 2 iterations per stage

@@ -32,7 +32,9 @@ KEYS: dict[str, tuple[str, ...]] = {
     "phase1": (
         "ratio",
         "distill.percentile",
+        "distill.group_split",
         "distill.memory_fusion",
+        "distill.retention",  # how many earlier rows the stage's memory keeps
         "distill.chunk_size",
         "train.eval_batch_size",
     ),

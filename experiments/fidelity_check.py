@@ -105,9 +105,12 @@ def markdown(card: dict) -> str:
             f"| {m} | {v['diet']:.4f} ± {v['diet_std']:.4f} | {v['random']:.4f} ± "
             f"{v['random_std']:.4f} | {v['diff']:+.4f} ± {v['diff_se']:.4f} |"
         )
-    out += ["", "| method | pool-mean AUC (± std over seeds) | Kendall tau [95% CI] | "
-            "Spearman [95% CI] | historical ratio (whole / per epoch) | end to end |",
-            "|---|---|---|---|---|---|"]
+    out += [
+        "",
+        "| method | pool-mean AUC (± std over seeds) | Kendall tau [95% CI] | "
+        "Spearman [95% CI] | historical ratio (whole / per epoch) | end to end |",
+        "|---|---|---|---|---|---|",
+    ]
     for m, p in card["pool"].items():
         f = card["fidelity"].get(m, {})
         ratios = (

@@ -75,6 +75,22 @@ def test_select_boundary_by_hand():
     assert phase1.label_groups(y)[[0, 10, 14]].tolist() == [0, 1, 7]
 
 
+def test_proportional_group_budget_by_hand():
+    # Groups of 10, 4 and 1 rows (as above), budget 9: shares 6.0, 2.4, 0.6 -> floors 6, 2, 0,
+    # the one left to the largest remainder (C, 0.6).
+    assert phase1.group_budget([10, 4, 1], 9, "proportional").tolist() == [6, 2, 1]
+    assert phase1.group_budget([10, 4, 1], 9, "balanced").tolist() == [4, 4, 1]
+    assert phase1.group_budget([10, 4, 1], 99, "proportional").tolist() == [10, 4, 1]
+    y = np.zeros((15, 3), np.uint8)
+    y[10:14, 0] = 1
+    y[14] = 1
+    scores = np.concatenate([SCORES, [0.3, 0.2, 0.1, 0.4], [0.5]])
+    picked = phase1.select_boundary(scores, y, 9, 0.9, split="proportional")
+    assert np.bincount(phase1.label_groups(y)[picked], minlength=8)[[0, 1, 7]].tolist() == [6, 2, 1]
+    with pytest.raises(ValueError, match="group_split"):
+        phase1.group_budget([10, 4, 1], 9, "even")
+
+
 def test_retain_top_by_hand():
     alpha = np.array([0.3, -1.0, 2.0, 0.3, 5.0])
     assert phase1.retain_top(alpha, 2).tolist() == [2, 4]

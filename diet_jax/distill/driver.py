@@ -105,6 +105,11 @@ def check_config(dc) -> None:
     for key in ("inner_lr", "meta_lr_embed", "meta_lr_labels"):
         if dc[key] <= 0:
             raise ValueError(f"config.distill.{key} must be positive, got {dc[key]}.")
+    if dc.group_split not in phase1.GROUP_SPLITS:
+        raise ValueError(
+            f"config.distill.group_split must be one of {phase1.GROUP_SPLITS}, "
+            f"got {dc.group_split!r}."
+        )
     if dc.retention not in RETENTION:
         raise ValueError(
             f"config.distill.retention must be one of {RETENTION}, got {dc.retention!r}."
@@ -440,6 +445,7 @@ def distill(
                 batch_size=config.train.eval_batch_size,
                 chunk_size=dc.chunk_size or 4096,
                 retain=retain,
+                group_split=dc.group_split,
             )
             _save_memory(init_path, memory0, init_record)
             info.update(p1)

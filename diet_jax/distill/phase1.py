@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diet_jax import influence
+from diet_jax.baselines import cluster_quotas
 from diet_jax.data import loader
 from diet_jax.data.store import Stage
 from diet_jax.distill import memory as memory_lib
@@ -80,6 +81,21 @@ def split_budget(sizes_G, n: int) -> np.ndarray:
     return counts
 
 
+GROUP_SPLITS = ("balanced", "proportional")
+
+
+def group_budget(sizes_G, n: int, split: str = "balanced") -> np.ndarray:
+    """n rows over label groups: "balanced" (`split_budget`, equal shares: rare label
+    combinations are over-represented) or "proportional" (shares by group size, largest
+    remainder: the stage's label distribution is kept)."""
+    if split == "balanced":
+        return split_budget(sizes_G, n)
+    if split == "proportional":
+        sizes = np.asarray(sizes_G, np.int64)
+        return cluster_quotas(sizes, min(int(n), int(sizes.sum())))
+    raise ValueError(f"config.distill.group_split must be one of {GROUP_SPLITS}, got {split!r}.")
+
+
 def select_percentile(scores_N, k: int, q: float) -> np.ndarray:
     """Indices (ascending) of the k rows whose score rank is nearest the q-quantile rank.
 
@@ -99,12 +115,12 @@ def select_percentile(scores_N, k: int, q: float) -> np.ndarray:
     return np.sort(order[start : start + k])
 
 
-def select_boundary(scores_N, y_NxK, n: int, q: float) -> np.ndarray:
+def select_boundary(scores_N, y_NxK, n: int, q: float, split: str = "balanced") -> np.ndarray:
     """Phase 1's selection S_t: per label group, the rows nearest percentile q; the budget n
-    split across groups by `split_budget`. Returns row indices, ascending."""
+    split across groups by `group_budget`. Returns row indices, ascending."""
     codes = label_groups(y_NxK)
     groups, inverse = np.unique(codes, return_inverse=True)
-    counts = split_budget(np.bincount(inverse, minlength=groups.size), n)
+    counts = group_budget(np.bincount(inverse, minlength=groups.size), n, split)
     picked = []
     for g in range(groups.size):
         members = np.flatnonzero(inverse == g)
@@ -221,11 +237,13 @@ def group_sizes_chunked(y_NxK, chunk: int = 1 << 20) -> tuple[np.ndarray, np.nda
     return present, counts[present]
 
 
-def select_boundary_chunked(scores_N, y_NxK, n: int, q: float, chunk: int = 1 << 20):
+def select_boundary_chunked(
+    scores_N, y_NxK, n: int, q: float, chunk: int = 1 << 20, split: str = "balanced"
+):
     """`select_boundary` (the same rows) over memmaps of scores and labels, in chunks."""
     rows = int(scores_N.shape[0])
     codes, sizes = group_sizes_chunked(y_NxK, chunk)
-    budget_G = split_budget(sizes, n)
+    budget_G = group_budget(sizes, n, split)
     return select_windows_chunked(
         scores_N,
         lambda lo, hi: label_groups(y_NxK[lo:hi]),
@@ -333,8 +351,10 @@ def stage_selection(
     batch_size: int = 4096,
     chunk: int = 1 << 20,
     scratch: str | None = None,
+    split: str = "balanced",
 ) -> np.ndarray:
-    """EL2N rows of a stage under `teacher`, streamed: grouped (phase 1) or not (EL2N baseline)."""
+    """EL2N rows of a stage under `teacher`, streamed: grouped (phase 1, label groups' budgets by
+    `group_budget(split)`) or not (EL2N baseline)."""
     with ScratchDir(scratch) as d:
         scores = score_to_memmap(
             model,
@@ -345,7 +365,7 @@ def stage_selection(
             os.path.join(d, "el2n.npy"),
         )
         if grouped:
-            idx = select_boundary_chunked(scores, stage.y_NxK, n, q, chunk)
+            idx = select_boundary_chunked(scores, stage.y_NxK, n, q, chunk, split)
         else:
             idx = select_percentile_chunked(scores, n, q, chunk)
         del scores
@@ -409,6 +429,7 @@ def boundary_memory(
     batch_size: int = 4096,
     chunk_size: int = 4096,
     retain: int | None = None,
+    group_split: str = "balanced",
 ) -> tuple[Memory, dict]:
     """D_syn^t before refinement. `teacher` is phi_t (a TrainState: .params, .model_state).
     `retain`: rows kept from `previous` (default n_t, the paper's rule).
@@ -419,7 +440,14 @@ def boundary_memory(
     n_t = budget(len(stage), ratio)
     # Streamed: scores on a scratch memmap, selection in chunks (same rows as select_boundary).
     idx = stage_selection(
-        model, teacher, stage, n_t, percentile, grouped=True, batch_size=batch_size
+        model,
+        teacher,
+        stage,
+        n_t,
+        percentile,
+        grouped=True,
+        batch_size=batch_size,
+        split=group_split,
     )
     y = np.asarray(stage.y_NxK[idx])
     new = to_memory(
