@@ -158,7 +158,7 @@ def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
     c.evaluate.group_mode = "auto"
     # Validation rows scored after every rows epoch (a seeded subsample; 0 = all): the epoch and
     # learning-rate selection scores (grid + seeds) x epochs models, so the full day is costly.
-    c.evaluate.val_rows = 0 if tiny else 4096
+    c.evaluate.val_rows = 0 if tiny else 2048
     c.evaluate.bootstrap = 1000  # bootstrap resamples of the rank correlations (0 = none)
     c.evaluate.rows_batch_size = 64 if tiny else 256
     c.evaluate.el2n_percentile = 0.9  # the EL2N baseline keeps the rows around this score rank

@@ -14,7 +14,11 @@ baseline's selection, each method's candidate, report, other (startup, reference
 The parent fits seconds ~ rows^b per phase (least squares in log-log) and extrapolates to 100M
 lines on this CPU both with that power law and with the marginal cost between the two largest
 sizes (affine); it writes <root>/bench_scale.json and bench_scale.md. `--table_only` redraws
-the table from the JSON of finished sizes.
+the table from the JSON of finished sizes. `--reader_only`: the preprocess phase alone (the
+reader's growth exponent in minutes instead of the whole pipeline's hour), stopping the run
+after the stage store is written.
+
+    python experiments/bench_scale.py --root=/tmp/bench_reader --sizes=1e6,4e6,16e6 --reader_only
 """
 
 from __future__ import annotations
@@ -108,6 +112,14 @@ def child(argv: list[str]) -> None:
 
     ph = _Phases()
     prepare.prepare = ph.wrap(prepare.prepare, lambda *a, **k: "preprocess")
+    if os.environ.get("BENCH_READER_ONLY"):
+        wrapped_prepare = prepare.prepare
+
+        def prepare_then_stop(*a, **k):
+            wrapped_prepare(*a, **k)
+            raise SystemExit(0)  # the phases JSON is written by the `finally` below
+
+        prepare.prepare = prepare_then_stop
     pipeline.train_reference = ph.wrap(pipeline.train_reference, lambda *a, **k: "teacher")
     pipeline.distill_driver.distill = ph.wrap(
         pipeline.distill_driver.distill, lambda *a, **k: "phase2"
@@ -162,7 +174,7 @@ def _affine(rows: list[float], secs: list[float]) -> float:
     return secs[-1] + slope * (1e8 - rows[-1])
 
 
-def run_size(lines: int, root: str) -> dict:
+def run_size(lines: int, root: str, reader_only: bool = False) -> dict:
     import importlib.util
 
     sys.path.insert(0, ROOT)
@@ -191,14 +203,27 @@ def run_size(lines: int, root: str) -> dict:
         *[f"--config.{k}={v}" for k, v in BENCH_OVERRIDES.items()],
     ]
     env = dict(os.environ, PYTHONPATH=ROOT, DIET_JAX_CACHE=os.path.join(root, "jax_cache"))
+    if reader_only:
+        env["BENCH_READER_ONLY"] = "1"
     log = os.path.join(work, "log.txt")
     start = time.perf_counter()
     with open(log, "w") as f:
         rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     if rc != 0:
         raise RuntimeError(f"pipeline at {lines} lines failed (exit {rc}); see {log}")
-    res = json.load(open(os.path.join(work, "run", "results.json")))
     phases = json.load(open(out))
+    if reader_only:
+        fmap = json.load(open(os.path.join(work, "run", "data", "feature_map.json")))
+        phases.update(
+            lines=lines,
+            generate_seconds=gen_s,
+            wall_seconds=time.perf_counter() - start,
+            samples={s["name"]: s["rows"] for s in fmap.get("stages", [])},
+            loadavg=os.getloadavg(),
+        )
+        json.dump(phases, open(out, "w"), indent=1)
+        return phases
+    res = json.load(open(os.path.join(work, "run", "results.json")))
     phases.update(
         lines=lines,
         generate_seconds=gen_s,
@@ -252,6 +277,7 @@ def main() -> None:
     p.add_argument("--root", default="/tmp/bench_scale")
     p.add_argument("--sizes", default="1e6,4e6,16e6")
     p.add_argument("--table_only", action="store_true", help="only redraw the table")
+    p.add_argument("--reader_only", action="store_true", help="the preprocess phase alone")
     args = p.parse_args()
     os.makedirs(args.root, exist_ok=True)
     runs = []
@@ -263,7 +289,7 @@ def main() -> None:
         elif args.table_only:
             continue
         else:
-            runs.append(run_size(lines, args.root))
+            runs.append(run_size(lines, args.root, args.reader_only))
         r = runs[-1]
         print(
             f"{lines:>10,d} lines: {r['total_seconds']:.0f}s, peak RSS "

@@ -11,6 +11,7 @@ import os
 import zipfile
 
 import numpy as np
+import polars as pl
 import pytest
 from conftest import load_config
 
@@ -800,3 +801,16 @@ def test_movielens_100k_from_the_real_wheel(tmp_path):
     y_sum = sum(np.asarray(store.stage(s.name).y_NxK, np.int64).sum(0) for s in fmap.stages)
     assert y_sum.tolist() == [34174 + 21201, 21201, 6110 + 11370]
     assert fmap.num_fields == 8 and fmap.vocab_sizes[2] <= 62  # 61 distinct ages + OOV
+
+
+@pytest.mark.parametrize("dtype", [pl.Int64, pl.Utf8])
+def test_encode_is_the_vocabulary_code_or_oov(dtype):
+    """Binary search on the sorted vocabulary = the hash-map lookup it replaced (nulls, OOV)."""
+    rng = np.random.default_rng(0)
+    values = pl.Series("f", rng.integers(0, 500, 2000)).cast(dtype)
+    values = values.scatter(np.arange(0, 2000, 97), None)
+    vocab = pl.Series("f", np.unique(rng.integers(0, 500, 200))).cast(dtype).sort()
+    codes = pl.int_range(1, len(vocab) + 1, eager=True, dtype=pl.Int32)
+    want = values.replace_strict(vocab, codes, default=raw.OOV, return_dtype=pl.Int32)
+    np.testing.assert_array_equal(raw.encode(values, vocab), want.fill_null(raw.OOV).to_numpy())
+    assert raw.encode(values, vocab[:0]).tolist() == [raw.OOV] * 2000

@@ -180,7 +180,7 @@ def train_rows_group(
     inits = [init_dense(model, s) for s in seeds_G]
     params = [p for p, _ in inits]
     states = [s for _, s in inits]
-    opts = [fns.tx.init(p) for p in params]
+    opts = [fns.init_opt(p) for p in params]
     lrs = [jnp.asarray(lr, jnp.float32) for lr in lrs_G]
     rngs = [np.random.default_rng(s) for s in seeds_G]
 

@@ -34,6 +34,7 @@ class GroupFns(NamedTuple):
     epoch: callable  # (p, s, o, lr, e, logits, order) -> (p, s, o, mean loss)
     predict: callable  # (p, s, e_VxFxD) -> logits_VxK, eval mode
     keep: callable  # (best, new, mask_G) -> where(mask, new, best), leafwise
+    init_opt: callable = None  # jitted tx.init (one compile per architecture, not per leaf)
 
 
 def rows_tx(max_grad_norm: float) -> optax.GradientTransformation:
@@ -103,7 +104,7 @@ def make_group_fns(
         predict = jax.vmap(predict1, in_axes=(0, 0, None))
     else:
         epoch, predict = epoch1, predict1
-    return GroupFns(tx, jax.jit(epoch), jax.jit(predict), jax.jit(keep))
+    return GroupFns(tx, jax.jit(epoch), jax.jit(predict), jax.jit(keep), jax.jit(tx.init))
 
 
 def pad_rows(e_VxFxD: np.ndarray, chunk: int) -> np.ndarray:
