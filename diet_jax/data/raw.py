@@ -390,18 +390,10 @@ def fit_vocab(parts: Sequence[str], field: str, n_hist: int, min_count: int) -> 
 
 
 def encode(values: pl.Series, vocab: pl.Series) -> np.ndarray:
-    """Vocabulary codes 1..N of `values`, 0 (OOV) for anything else, as int32.
-
-    `vocab` is sorted (`fit_vocab`): a binary search per value, O(n log V). A hash map of the
-    vocabulary (`replace_strict`) is rebuilt for every partition, O(V) each, and the partition
-    count grows with the file: that made the reader grow faster than linearly (docs/scale.md).
-    """
-    if len(vocab) == 0 or len(values) == 0:
-        return np.full(len(values), OOV, np.int32)
-    idx = vocab.search_sorted(values, side="left").cast(pl.Int64)
-    found = (vocab.gather(idx.clip(0, len(vocab) - 1)) == values).fill_null(False)
-    codes = (idx + 1).cast(pl.Int32).to_numpy()
-    return np.where(found.to_numpy(), codes, OOV).astype(np.int32)
+    """Vocabulary codes 1..N of `values`, 0 (OOV) for anything else, as int32."""
+    codes = pl.int_range(1, len(vocab) + 1, eager=True, dtype=pl.Int32)
+    out = values.replace_strict(vocab, codes, default=OOV, return_dtype=pl.Int32)
+    return out.fill_null(OOV).to_numpy()
 
 
 def write_store(
