@@ -182,8 +182,7 @@ def check_distill(c) -> None:
 def check_evaluate(c) -> None:
     names_in(c, "evaluate.methods", results.CANDIDATE_METHODS)
     # evaluate.models names candidates of the pool (a variant as well as a base backbone)
-    names = [pool.parse(spec).name for spec in c.evaluate.candidates if isinstance(spec, str)]
-    names_in(c, "evaluate.models", names)
+    names_in(c, "evaluate.models", pool.names(c))
     positive(
         c,
         "evaluate.max_epochs",

@@ -179,6 +179,7 @@ def run_size(lines: int, root: str, reader_only: bool = False) -> dict:
 
     sys.path.insert(0, ROOT)
     from diet_jax.data import synthetic_taobao
+    from diet_jax.io_utils import atomic_write_json
 
     spec = importlib.util.spec_from_file_location("cfg", CONFIG)
     mod = importlib.util.module_from_spec(spec)
@@ -221,7 +222,7 @@ def run_size(lines: int, root: str, reader_only: bool = False) -> dict:
             samples={s["name"]: s["rows"] for s in fmap.get("stages", [])},
             loadavg=os.getloadavg(),
         )
-        json.dump(phases, open(out, "w"), indent=1)
+        atomic_write_json(out, phases)
         return phases
     res = json.load(open(os.path.join(work, "run", "results.json")))
     phases.update(

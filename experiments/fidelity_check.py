@@ -15,10 +15,10 @@ import json
 import math
 import os
 
-import numpy as np
 from absl import app, flags
 
 from diet_jax.evaluate import report
+from diet_jax.io_utils import atomic_write_json
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/synthetic", "A finished run's workdir.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the scorecard as JSON here.")
@@ -139,8 +139,7 @@ def main(_):
     card = scorecard(res)
     print(markdown(card))
     if _JSON_OUT.value:
-        with open(_JSON_OUT.value, "w") as f:
-            json.dump(card, f, indent=1, default=lambda x: float(np.asarray(x)))
+        atomic_write_json(_JSON_OUT.value, card)
 
 
 if __name__ == "__main__":

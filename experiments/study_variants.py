@@ -23,6 +23,8 @@ import sys
 import numpy as np
 from absl import app, flags
 
+from diet_jax.io_utils import atomic_write_json, atomic_write_text
+
 _BASE = flags.DEFINE_string("base", None, "A finished default run to copy.", required=True)
 _ROOT = flags.DEFINE_string("root", "/tmp/variants", "Where the variants' workdirs go.")
 _CONFIG = flags.DEFINE_string("config", "configs/synthetic.py", "Config file of the base run.")
@@ -56,7 +58,7 @@ def run_variant(name: str, overrides: list[str]) -> dict:
         ]
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
-        open(os.path.join(workdir, "variant.done"), "w").close()
+        atomic_write_text(os.path.join(workdir, "variant.done"), "")
     out = {}
     for m in _MODELS.value:
         d, r = np.asarray(val_aucs(workdir, "diet", m)), np.asarray(val_aucs(workdir, "random", m))
@@ -84,8 +86,7 @@ def main(_):
         mean_diet = np.mean([np.mean(rows[m]["diet"]) for m in models])
         mean_diff = np.mean([rows[m]["diff_mean"] for m in models])
         print(f"| {name} | " + " | ".join(cells) + f" | {mean_diet:.4f} | {mean_diff:+.4f} |")
-    with open(os.path.join(_ROOT.value, "variants.json"), "w") as f:
-        json.dump(table, f, indent=1)
+    atomic_write_json(os.path.join(_ROOT.value, "variants.json"), table)
 
 
 if __name__ == "__main__":

@@ -215,8 +215,7 @@ def test_bad_name_or_range_is_a_config_error(name, key, value, match):
 def test_evaluate_models_may_name_any_candidate_of_the_pool(variant):
     """A pool variant is run by its name, not only the five base backbones."""
     c = load_config("synthetic", variant)
-    names = [pool.parse(spec).name for spec in c.evaluate.candidates]
-    variant_name = next(n for n in names if n not in BACKBONES)
+    variant_name = next(n for n in pool.names(c) if n not in BACKBONES)
     with c.unlocked():
         c.evaluate.models = (variant_name, "dcn")
     config_check.validate(c)

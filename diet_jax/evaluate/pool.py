@@ -140,6 +140,15 @@ def candidates(config) -> list[Candidate]:
     return [c for c in pool if not keep or c.name in keep]
 
 
+def names(config) -> list[str]:
+    """The names of every candidate of config.evaluate.candidates, in pool order (a malformed
+    candidate is a ValueError naming the key)."""
+    try:
+        return [parse(spec).name for spec in config.evaluate.candidates]
+    except ValueError as e:
+        raise ValueError(f"config.evaluate.candidates: {e}") from None
+
+
 def seeds(config) -> list[int]:
     """The evaluate.seeds seeds of every (method, candidate): config.seed, config.seed + 1, ..."""
     return [int(config.seed) + i for i in range(int(config.evaluate.seeds))]

@@ -34,7 +34,7 @@ class GroupFns(NamedTuple):
     epoch: callable  # (p, s, o, lr, e, logits, order) -> (p, s, o, mean loss)
     predict: callable  # (p, s, e_VxFxD) -> logits_VxK, eval mode
     keep: callable  # (best, new, mask_G) -> where(mask, new, best), leafwise
-    init_opt: callable = None  # jitted tx.init (one compile per architecture, not per leaf)
+    init_opt: callable  # jitted tx.init (one compile per architecture, not per leaf)
 
 
 def rows_tx(max_grad_norm: float) -> optax.GradientTransformation:
