@@ -202,7 +202,14 @@ def evaluate_candidate(
     rows = _rows(method, workdir, config, ctx)
     seed = config.seed if seed is None else int(seed)
     out = protocol.run_candidate(
-        method, model, store, config, ref.final.params["embed"], rows, seed
+        method,
+        model,
+        store,
+        config,
+        ref.final.params["embed"],
+        rows,
+        seed,
+        embed_opt=protocol.inherited_embed_opt(ref.final, config),
     )
     row = results_lib.entry(method, model.name, out.metrics, out.train_seconds, out.train_samples)
     logging.info(
@@ -218,6 +225,7 @@ def evaluate_candidate(
         results_lib.upsert(res, row)
         res.setdefault("candidate_info", {})[f"{method}/{model.name}"] = out.info
         res["fidelity"] = fidelity.fidelity_table(res["results"])
+        res["fidelity_ceiling"] = fidelity.noise_ceiling(res["results"])
         results_lib.save(workdir, res)
         report.write_report(workdir, res)
     return row

@@ -125,6 +125,10 @@ def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
     # Memory fusion's retention at t > 1: "paper" keeps n_t old rows; "cumulative" keeps the
     # earlier budgets (D_syn^T as large as the selection baselines' rows).
     c.distill.retention = "cumulative"  # group "retention": 0.7923 (paper) -> 0.7999
+    # Re-anchoring at fusion: carried rows re-embedded under phi_t's table and relabelled by
+    # phi_t ("replace"; "offsets" keeps what refinement added; "off" = the paper's frozen rows).
+    # experiments/study_reanchor.py: +0.003 validation AUC on DCN (docs/distillation.md).
+    c.distill.reanchor = "replace"
     c.distill.memory_fusion = True
     c.distill.target_selection = True
     c.distill.memory_selection = True
@@ -153,6 +157,9 @@ def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
     c.evaluate.lr_grid = (1e-3, 1e-2) if tiny else (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 2e-2)
     c.evaluate.learning_rate = 3e-3 if tiny else 1e-3  # used when lr_grid is ()
     c.evaluate.max_epochs = 3 if tiny else 8  # epochs on the reduced rows; best by validation AUC
+    # Methods that inherit the teacher's table (Warmup Start, the reduced ones) continue its
+    # row-optimizer state in the fine-tune; False = fresh accumulators (docs/evaluation.md).
+    c.evaluate.inherit_optimizer = True
     # Groups of rows trainings (the LR grid, the seeds) as one vmapped model ("vmap"), one after
     # another ("sequential"), or "auto": vmap on an accelerator, sequential on the CPU.
     c.evaluate.group_mode = "auto"

@@ -35,6 +35,7 @@ KEYS: dict[str, tuple[str, ...]] = {
         "distill.group_split",
         "distill.memory_fusion",
         "distill.retention",  # how many earlier rows the stage's memory keeps
+        "distill.reanchor",  # carried rows moved into phi_t's space
         "distill.chunk_size",
         "train.eval_batch_size",
     ),

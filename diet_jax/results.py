@@ -7,7 +7,10 @@
                   # candidates (evaluate.candidates x evaluate.seeds) also carry:
                   "backbone", "auc_std", "logloss_std", "seeds", "per_seed": [...],
                   "historical_seconds", "finetune_seconds"}, ...],
-     "fidelity": {...}, "timings": {...}}
+     "fidelity": {...}, "fidelity_ceiling": {...}, "timings": {...}}
+
+"fidelity_ceiling" (evaluate/fidelity.py `noise_ceiling`): Full Data's agreement with itself,
+each seed's Kendall tau / Spearman against the mean of the other seeds; {} with one seed.
 
 Methods: reference (the teacher itself), full_data, cold_start, warmup_start, random, kmeans,
 el2n, diet. "model" is the candidate's name (the base candidates are named after their

@@ -48,7 +48,14 @@ def main(_):
         rows = methods.selection_memory("random", cfg, store, ref).trainable()
         for m in _METHODS:
             out = protocol.run_candidate(
-                m, model, store, cfg, teacher_embed, rows if m == "random" else None, seed=cfg.seed
+                m,
+                model,
+                store,
+                cfg,
+                teacher_embed,
+                rows if m == "random" else None,
+                seed=cfg.seed,
+                embed_opt=protocol.inherited_embed_opt(ref.final, cfg),
             )
             auc[m].append(float(out.metrics["auc"]))
             print(f"seed {cfg.seed} {m:13s} test AUC {auc[m][-1]:.4f} ({out.train_seconds:.1f}s)")

@@ -17,7 +17,7 @@ import os
 
 from absl import app, flags
 
-from diet_jax.evaluate import report
+from diet_jax.evaluate import fidelity, report
 from diet_jax.io_utils import atomic_write_json
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/synthetic", "A finished run's workdir.")
@@ -84,6 +84,12 @@ def scorecard(res: dict) -> dict:
             for m, f in fid.items()
         },
         "criteria": {k: {"pass": bool(v[0]), "value": v[1]} for k, v in criteria.items()},
+        # Recomputed from the entries, so that a results.json of an older release has them too.
+        "ceiling": fidelity.noise_ceiling(res["results"]),
+        "seed_kendall": {
+            m: fidelity.seed_agreement(res["results"], m).get("kendall", float("nan"))
+            for m in points
+        },
     }
 
 
@@ -108,8 +114,9 @@ def markdown(card: dict) -> str:
     out += [
         "",
         "| method | pool-mean AUC (± std over seeds) | Kendall tau [95% CI] | "
-        "Spearman [95% CI] | historical ratio (whole / per epoch) | end to end |",
-        "|---|---|---|---|---|---|",
+        "Spearman [95% CI] | historical ratio (whole / per epoch) | end to end | "
+        "seed agreement |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m, p in card["pool"].items():
         f = card["fidelity"].get(m, {})
@@ -119,16 +126,19 @@ def markdown(card: dict) -> str:
             if f
             else "-"
         )
+        agree = f"{card['seed_kendall'].get(m, float('nan')):.2f}"
         out.append(
             f"| {m} | {p['auc']:.4f} ± {p['auc_err']:.4f} | "
             f"{_ci(f, 'kendall') if f else '-'} | {_ci(f, 'spearman') if f else '-'} | "
-            f"{ratios} | {f.get('cost_ratio_end_to_end', float('nan')):.1f}x |"
+            f"{ratios} | {f.get('cost_ratio_end_to_end', float('nan')):.1f}x | {agree} |"
             if f
-            else f"| {m} | {p['auc']:.4f} ± {p['auc_err']:.4f} | - | - | - | - |"
+            else f"| {m} | {p['auc']:.4f} ± {p['auc_err']:.4f} | - | - | - | - | {agree} |"
         )
     out += ["", "| criterion | result | figure |", "|---|---|---|"]
     for k, v in card["criteria"].items():
         out.append(f"| {k} | {'PASS' if v['pass'] else 'FAIL'} | {v['value']} |")
+    if card["ceiling"]:
+        out += ["", *report.ceiling_markdown(card["ceiling"])[:1]]
     return "\n".join(out)
 
 

@@ -125,7 +125,14 @@ def score_rows(sh: Shared, rows: dict, model_name: str, seed: int, finetune: boo
         val_store = _ValidationAsTest(sh.store)
         params = {"embed": embed, "dense": params_dense}
         m, _, _ = protocol.finetune_and_test(
-            model, params, state, val_store, config, seed, subsequent
+            model,
+            params,
+            state,
+            val_store,
+            config,
+            seed,
+            subsequent,
+            embed_opt=protocol.inherited_embed_opt(sh.ref.final, config),
         )
         out["val_auc_ft"] = float(m["auc"])
     out["seconds"] = time.perf_counter() - start

@@ -67,6 +67,36 @@ def test_fidelity_table_cost_ratio_and_correlations():
     assert table["diet"]["mean_auc_gap"] == pytest.approx(np.mean([-0.01, -0.005, -0.01]))
 
 
+def test_noise_ceiling_is_full_datas_leave_one_seed_out_agreement():
+    def r(model, aucs, method="full_data"):
+        return {"method": method, "model": model, "per_seed": [{"auc": a} for a in aucs]}
+
+    # Seed 0 ranks a < b < c, seed 1 a < c < b: one discordant pair of three, both ways round.
+    results = [
+        r("a", [0.1, 0.1]),
+        r("b", [0.2, 0.3]),
+        r("c", [0.3, 0.2]),
+        r("a", [0.9, 0.9], "diet"),
+    ]
+    ceiling = fidelity.noise_ceiling(results)
+    assert ceiling["kendall_leave_one_seed_out"] == pytest.approx([1 / 3, 1 / 3])
+    assert ceiling["kendall"] == pytest.approx(1 / 3)
+    assert ceiling["spearman"] == pytest.approx(0.5)  # 1 - 6 * 2 / (3 * 8)
+    assert ceiling["models"] == ["a", "b", "c"]
+    # Three seeds: seed 2 against the mean of seeds 0 and 1 (a 0.1, b 0.25, c 0.25: a tie).
+    three = [r("a", [0.1, 0.1, 0.3]), r("b", [0.2, 0.3, 0.1]), r("c", [0.3, 0.2, 0.2])]
+    taus = fidelity.noise_ceiling(three)["kendall_leave_one_seed_out"]
+    assert taus[2] == pytest.approx(fidelity.kendall([0.3, 0.1, 0.2], [0.1, 0.25, 0.25]))
+    assert taus[2] == pytest.approx(-2 / np.sqrt(3 * 2))
+    assert fidelity.noise_ceiling([r("a", [0.1]), r("b", [0.2])]) == {}
+    # Every method's own agreement, in the fidelity table: DIET with itself here.
+    diet = [r("a", [0.1, 0.1], "diet"), r("b", [0.2, 0.3], "diet"), r("c", [0.3, 0.2], "diet")]
+    for e in results[:3] + diet:
+        e["auc"], e["train_seconds"] = np.mean([p["auc"] for p in e["per_seed"]]), 1.0
+    table = fidelity.fidelity_table(results[:3] + diet, bootstrap=0)
+    assert table["diet"]["seed_kendall"] == pytest.approx(1 / 3)
+
+
 def test_random_rows_exact_count_distinct_and_seeded():
     idx = baselines.random_rows(1000, 37, seed=3)
     assert idx.size == 37 and np.unique(idx).size == 37 and (np.diff(idx) > 0).all()
@@ -199,6 +229,54 @@ def test_candidate_inherits_teacher_embeddings_and_keeps_the_best_epoch(
     )
 
 
+def test_finetune_continues_the_teachers_table_optimizer_state(tiny_reference):
+    from diet_jax.evaluate import protocol
+    from diet_jax.models import build_model
+    from diet_jax.train import steps
+
+    config, store, ref = tiny_reference
+    model = build_model(config.model, store.feature_map, name="dcn")
+    opt = protocol.inherited_embed_opt(ref.final, config)
+    assert opt is ref.final.opt_state["embed"]  # rowwise_adagrad in `:tiny` too
+    off = config.copy_and_resolve_references()
+    off.evaluate.inherit_optimizer = False
+    assert protocol.inherited_embed_opt(ref.final, off) is None
+
+    # What the fine-tune starts from: spy on the trainer's first step.
+    seen = []
+    real = protocol._trainer
+
+    def spy_trainer(model, train_cfg):
+        t = real(model, train_cfg)
+
+        def step(state, batch):
+            if not seen:
+                seen.append(jax.tree.map(np.array, state.opt_state["embed"]))
+            return t.step(state, batch)
+
+        return steps.Trainer(t.init, step)
+
+    params_dense, state = model.init_dense(jax.random.key(0))
+    params = {"embed": ref.final.params["embed"], "dense": params_dense}
+    protocol._WARM.clear()
+    try:
+        protocol._trainer = spy_trainer
+        protocol.finetune_and_test(
+            model, params, state, store, config, 0, ["subsequent"], embed_opt=opt
+        )
+    finally:
+        protocol._trainer = real
+        protocol._WARM.clear()
+    jax.tree.map(np.testing.assert_array_equal, seen[0], jax.tree.map(np.asarray, opt))
+    assert max(float(np.abs(a).max()) for a in jax.tree.leaves(seen[0])) > 0  # not a fresh one
+    # A state of another shape is refused, naming the candidate.
+    bad = jax.tree.map(lambda a: a[:1], opt)
+    with pytest.raises(ValueError, match="dcn: the inherited table optimizer state"):
+        protocol.finetune_and_test(
+            model, params, state, store, config, 0, ["subsequent"], embed_opt=bad
+        )
+
+
 def test_unknown_method_or_model_is_rejected_before_any_training(tiny_reference, tmp_path):
     from diet_jax.evaluate import methods
 
@@ -276,4 +354,5 @@ def test_tiny_run_covers_the_pool_with_seed_keys_and_both_cost_ratios(tiny_run):
     assert np.isnan(res["fidelity"]["cold_start"]["cost_ratio_historical"])
     report = open(os.path.join(workdir, "report.md")).read()
     assert "Kendall tau [95% CI]" in report and "figure1.png" in report
+    assert res["fidelity_ceiling"] == {}  # one seed in `:tiny`: no ceiling
     assert os.path.exists(os.path.join(workdir, "figure1.png"))

@@ -182,3 +182,54 @@ def test_boundary_memory_and_fusion(tiny_store, teacher, tmp_path):
         np.testing.assert_array_equal(a_, b_)
     with pytest.raises(FileNotFoundError):
         memory_lib.load(str(tmp_path / "missing"))
+
+
+def test_reanchor_moves_carried_rows_into_the_new_teachers_space(tiny_store, teacher):
+    model, ts = teacher
+    stage = tiny_store.stage("stage_1")
+    x = np.asarray(stage.x_NxF)
+    idx = np.array([9, 3, 120, 7])
+    old_ts = ts
+    # phi_t: another table and dense network, so every embedding and logit changes.
+    new_ts = ts.replace(params=jax.tree.map(lambda a: a * 1.5 + 0.01, ts.params))
+    mem = phase1.to_memory(model, old_ts.params, old_ts.model_state, x[idx], origin=1, rows_N=idx)
+    delta_e, delta_l = 0.01 * jnp.ones_like(mem.e_NxFxD), 0.2 * jnp.ones_like(mem.logits_NxK)
+    refined = mem.replace(e_NxFxD=mem.e_NxFxD + delta_e, logits_NxK=mem.logits_NxK + delta_l)
+    # A row of unknown origin (row -1) is carried as it is.
+    unknown = memory_lib.new(jnp.ones((1, *mem.e_NxFxD.shape[1:])), jnp.zeros((1, 3)), 1)
+    carried = memory_lib.concat(refined, unknown)
+    rows_of = lambda origin, rows: np.asarray(tiny_store.stage(f"stage_{origin}").x_NxF)[rows]  # noqa: E731
+    fresh = phase1.to_memory(model, new_ts.params, new_ts.model_state, x[idx], origin=1)
+
+    out = phase1.reanchor(model, new_ts, old_ts, carried, rows_of, "replace", batch_size=3)
+    np.testing.assert_allclose(out.e_NxFxD[:4], fresh.e_NxFxD, rtol=1e-6)
+    np.testing.assert_allclose(out.logits_NxK[:4], fresh.logits_NxK, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out.e_NxFxD[4:], unknown.e_NxFxD)
+    assert out.row_N.tolist() == [*idx.tolist(), -1]
+
+    out = phase1.reanchor(model, new_ts, old_ts, carried, rows_of, "offsets", batch_size=3)
+    np.testing.assert_allclose(out.e_NxFxD[:4], fresh.e_NxFxD + delta_e, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.logits_NxK[:4], fresh.logits_NxK + delta_l, rtol=1e-5, atol=1e-4)
+    assert phase1.reanchor(model, new_ts, old_ts, carried, rows_of, "off") is carried
+    with pytest.raises(ValueError, match="reanchor"):
+        phase1.reanchor(model, new_ts, old_ts, carried, rows_of, "sideways")
+
+    # Through Algorithm 1: the retained rows are the re-anchored ones.
+    mem2, info = phase1.boundary_memory(
+        model,
+        new_ts,
+        tiny_store.stage("stage_2"),
+        2,
+        refined,
+        ratio=0.005,
+        percentile=0.5,
+        batch_size=1000,
+        retain=4,
+        reanchor_mode="replace",
+        rows_of=rows_of,
+    )
+    assert info["reanchored"] == 4 and len(mem2) == 34
+    order = np.argsort(np.asarray(mem2.row_N[30:]))
+    np.testing.assert_allclose(
+        np.asarray(mem2.e_NxFxD[30:])[order], np.asarray(fresh.e_NxFxD)[np.argsort(idx)], rtol=1e-6
+    )

@@ -114,6 +114,10 @@ def check_config(dc) -> None:
         raise ValueError(
             f"config.distill.retention must be one of {RETENTION}, got {dc.retention!r}."
         )
+    if dc.reanchor not in phase1.REANCHOR:
+        raise ValueError(
+            f"config.distill.reanchor must be one of {phase1.REANCHOR}, got {dc.reanchor!r}."
+        )
     if dc.influence_at not in bilevel.INFLUENCE_AT:
         raise ValueError(
             f"config.distill.influence_at must be one of {bilevel.INFLUENCE_AT}, "
@@ -446,6 +450,11 @@ def distill(
                 chunk_size=dc.chunk_size or 4096,
                 retain=retain,
                 group_split=dc.group_split,
+                reanchor_mode=dc.reanchor,
+                previous_teacher=ref.stage_state(t - 1)
+                if t > 1 and dc.reanchor == "offsets"
+                else None,
+                rows_of=lambda o, r: store.stage(ref.stage_names[o - 1]).x_NxF[r],
             )
             _save_memory(init_path, memory0, init_record)
             info.update(p1)

@@ -7,6 +7,10 @@
 3. Convert the kept rows to (e = Embed_phi_t(x), y~ = f_phi_t(e) logits).
 4. For t > 1, retain the n_t rows of the previous memory with the largest influence on the newly
    selected samples, alpha_i = sum_{z in S_t} A(x_i, z) at phi_t (memory fusion).
+   Before that (`reanchor`), the carried rows are moved into phi_t's embedding space and
+   relabelled by phi_t: without it a row of stage 1 keeps phi_1's embedding and phi_1's soft
+   label forever, while every candidate trains under phi_T's table (docs/distillation.md,
+   "Re-anchoring").
 
 `select_percentile` (no grouping) and `to_memory` are public: the EL2N, random and k-means
 baselines select rows their own way and convert them with the same teacher.
@@ -401,6 +405,55 @@ def to_memory(
     return memory_lib.new(jnp.concatenate(es)[:n], jnp.concatenate(lgs)[:n], origin, rows_N=rows_N)
 
 
+REANCHOR = ("off", "replace", "offsets")
+
+
+def reanchor(
+    model: RecModel,
+    teacher,
+    previous_teacher,
+    memory: Memory,
+    rows_of,
+    mode: str = "replace",
+    batch_size: int = 4096,
+) -> Memory:
+    """The carried memory moved from phi_{t-1}'s space to phi_t's (`teacher`: phi_t).
+
+    A row that knows where it came from (row_N >= 0) gets e = Embed_phi_t(x) and
+    y~ = f_phi_t(e): "replace" drops what refinement added to it, "offsets" keeps it
+    (e += e_old - Embed_phi_{t-1}(x), y~ += y~_old - f_phi_{t-1}(Embed_phi_{t-1}(x)); needs
+    `previous_teacher`). Rows with row_N = -1 stay as they are. `rows_of(origin, rows_N)`
+    returns the raw x_NxF of those rows of stage `origin` (1-based). "off": unchanged.
+    """
+    if mode not in REANCHOR:
+        raise ValueError(f"config.distill.reanchor must be one of {REANCHOR}, got {mode!r}.")
+    if mode == "off" or len(memory) == 0:
+        return memory
+    e = np.asarray(memory.e_NxFxD).copy()
+    logits = np.asarray(memory.logits_NxK).copy()
+    origin_N, row_N = np.asarray(memory.origin_N), np.asarray(memory.row_N)
+    for origin in np.unique(origin_N[row_N >= 0]):
+        sel = np.flatnonzero((origin_N == origin) & (row_N >= 0))
+        x = np.asarray(rows_of(int(origin), row_N[sel]), np.int32)
+        new = to_memory(
+            model, teacher.params, teacher.model_state, x, origin=int(origin), batch_size=batch_size
+        )
+        e_new, logits_new = np.asarray(new.e_NxFxD), np.asarray(new.logits_NxK)
+        if mode == "offsets":
+            old = to_memory(
+                model,
+                previous_teacher.params,
+                previous_teacher.model_state,
+                x,
+                origin=int(origin),
+                batch_size=batch_size,
+            )
+            e_new = e_new + (e[sel] - np.asarray(old.e_NxFxD))
+            logits_new = logits_new + (logits[sel] - np.asarray(old.logits_NxK))
+        e[sel], logits[sel] = e_new, logits_new
+    return memory.replace(e_NxFxD=jnp.asarray(e), logits_NxK=jnp.asarray(logits))
+
+
 @functools.partial(jax.jit, static_argnames=("model", "chunk_size"))
 def retention_scores(model: RecModel, params_dense, model_state, old: Memory, targets, chunk_size):
     """alpha_i = sum_{z in targets} A((e_i, y~_i), z) for every row of the old memory (eq. 10).
@@ -430,9 +483,13 @@ def boundary_memory(
     chunk_size: int = 4096,
     retain: int | None = None,
     group_split: str = "balanced",
+    reanchor_mode: str = "off",
+    previous_teacher=None,
+    rows_of=None,
 ) -> tuple[Memory, dict]:
     """D_syn^t before refinement. `teacher` is phi_t (a TrainState: .params, .model_state).
-    `retain`: rows kept from `previous` (default n_t, the paper's rule).
+    `retain`: rows kept from `previous` (default n_t, the paper's rule). `reanchor_mode`,
+    `previous_teacher` (phi_{t-1}) and `rows_of`: see `reanchor` (applied to `previous` first).
 
     Returns the memory (new rows first, then retained rows) and a dict of counts for logging.
     """
@@ -458,6 +515,15 @@ def boundary_memory(
     if previous is None or not fusion or len(previous) == 0:
         info["retained"] = 0
         return new, info
+    if reanchor_mode != "off":
+        if rows_of is None:
+            raise ValueError("Re-anchoring the carried memory needs rows_of(origin, rows_N).")
+        previous = reanchor(
+            model, teacher, previous_teacher, previous, rows_of, reanchor_mode, batch_size
+        )
+    info["reanchored"] = (
+        int((np.asarray(previous.row_N) >= 0).sum()) if reanchor_mode != "off" else 0
+    )
     targets = {"e": new.e_NxFxD, "y": jnp.asarray(y, jnp.float32)}
     alpha = retention_scores(
         model, params["dense"], model_state, previous, targets, chunk_size=chunk_size

@@ -132,7 +132,8 @@ def fidelity_table(
     `cost_ratio_historical_per_epoch` = the same per epoch (Full Data trains one epoch, a
     reduced method evaluate.max_epochs): the paper's Table 5 "Time/ep" comparison.
     Correlations are over the seed-mean AUCs; their 95% intervals resample candidates and seeds
-    (`bootstrap` resamples; 0 = none).
+    (`bootstrap` resamples; 0 = none). `seed_kendall`: the method's leave-one-seed-out tau with
+    itself (`seed_agreement`).
     """
     by = {(r["method"], r["model"]): r for r in results}
     ref_models = sorted(m for (meth, m) in by if meth == reference_method)
@@ -161,6 +162,8 @@ def fidelity_table(
             "cost_ratio_historical_per_epoch": ref_ep / ep if ep > 0 else float("nan"),
             "mean_auc_gap": float(np.mean(np.asarray(auc) - np.asarray(ref_auc))),
             "models": models,
+            # The method's own seed-to-seed agreement (NaN with one seed): see seed_agreement.
+            "seed_kendall": seed_agreement(mine, method).get("kendall", float("nan")),
         }
         a, b = _per_seed_aucs(mine), _per_seed_aucs(ref)
         if bootstrap > 0 and a is not None and b is not None and a.shape == b.shape:
@@ -169,3 +172,36 @@ def fidelity_table(
             out[method]["spearman_ci"] = list(bootstrap_interval(a, b, spearman, resamples))
             out[method]["bootstrap"] = bootstrap
     return out
+
+
+def seed_agreement(results: list[dict], method: str) -> dict:
+    """How well a method agrees with itself across seeds (leave one seed out).
+
+    For every seed s, Kendall's tau (and Spearman's rho) between the candidates' AUCs at seed s
+    and their mean AUC over the other seeds. For Full Data this is the noise ceiling a reduced
+    method's tau is read against: a method whose tau against Full Data's mean reaches it ranks
+    the pool as well as another Full Data seed would. For a reduced method it says how much of
+    its ranking is seed noise. {} with fewer than two candidates or seeds, or unequal seeds.
+    """
+    entries = sorted((r for r in results if r["method"] == method), key=lambda r: r["model"])
+    a = _per_seed_aucs(entries) if len(entries) >= 2 else None
+    if a is None or a.shape[1] < 2:
+        return {}
+    taus, rhos = [], []
+    for s in range(a.shape[1]):
+        rest = np.delete(a, s, axis=1).mean(axis=1)
+        taus.append(kendall(a[:, s], rest))
+        rhos.append(spearman(a[:, s], rest))
+    return {
+        "method": method,
+        "kendall_leave_one_seed_out": taus,
+        "kendall": float(np.mean(taus)),
+        "spearman_leave_one_seed_out": rhos,
+        "spearman": float(np.mean(rhos)),
+        "models": [r["model"] for r in entries],
+    }
+
+
+def noise_ceiling(results: list[dict], reference_method: str = "full_data") -> dict:
+    """`seed_agreement` of the reference method: Full Data's agreement with itself."""
+    return seed_agreement(results, reference_method)

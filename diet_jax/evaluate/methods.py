@@ -141,6 +141,7 @@ def run_all(
     for method in sorted({m for m, _ in todo} & set(SELECTIONS)):
         memories[method] = _selection_memories(method, config, store, ref, workdir, res, seeds)
     teacher_embed = ref.final.params["embed"]
+    embed_opt = protocol.inherited_embed_opt(ref.final, config)
     # Rows of every reduced method padded to one length: one compiled epoch per architecture.
     rows_pad = max((len(m) for ms in memories.values() for m in ms.values()), default=0)
     val = None
@@ -161,7 +162,7 @@ def run_all(
                 s: trainable.setdefault(id(m), m.trainable()) for s, m in memories[method].items()
             }
         outs = protocol.run_seeds(
-            method, model, store, config, teacher_embed, rows, seeds, val, rows_pad
+            method, model, store, config, teacher_embed, rows, seeds, val, rows_pad, embed_opt
         )
         per_seed = [
             {
@@ -207,4 +208,5 @@ def run_all(
         if save is not None:
             save(res)
     res["fidelity"] = fidelity.fidelity_table(res["results"], bootstrap=int(ev.bootstrap))
+    res["fidelity_ceiling"] = fidelity.noise_ceiling(res["results"])
     return res

@@ -27,6 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from diet_jax import metrics, parallel
 from diet_jax.data import loader
@@ -345,6 +346,30 @@ def _warm_up(trainer, train_state, stage, batch_size: int, sharding=None) -> Non
     _WARM.add(id(trainer))
 
 
+def inherited_embed_opt(teacher, config):
+    """The teacher's row-optimizer state of its table, for candidates that inherit the table
+    (`evaluate.inherit_optimizer`), or None (a fresh one).
+
+    A fresh row-wise Adagrad on a trained table makes the fine-tune's first steps its largest
+    (lr x sign(g) per coordinate, about a third of the embeddings' std at lr 0.03) on every row
+    the subsequent block touches; the teacher's own stages inherit their accumulators, and so
+    does a candidate that continues the teacher's table (docs/evaluation.md, "Inheriting the
+    table's optimizer state"). With `train.embedding_optimizer = "dense_adam"` there is no
+    separate table state to hand over: the moments start fresh, and a warning says so.
+    """
+    if not config.evaluate.get("inherit_optimizer", True):
+        return None
+    opt = getattr(teacher, "opt_state", None)
+    if not isinstance(opt, dict) or "embed" not in opt:
+        logging.warning(
+            "evaluate.inherit_optimizer: the teacher's optimizer (%s) keeps no separate state "
+            "for its table; candidates fine-tune the inherited table with fresh moments.",
+            config.train.get("embedding_optimizer", "dense_adam"),
+        )
+        return None
+    return opt["embed"]
+
+
 def finetune_and_test(
     model: RecModel,
     params: dict,
@@ -354,13 +379,28 @@ def finetune_and_test(
     seed: int,
     stages,
     timings: dict | None = None,
+    embed_opt=None,
 ):
     """One epoch per stage in `stages` (names, in order) on the whole model, then test metrics.
 
     `timings`, if given, receives {"stage_seconds": {name: s}, "timed_compiles": n}.
+    `embed_opt`: the row-optimizer state the table's updates continue from (the teacher's,
+    `inherited_embed_opt`); None = a fresh one.
     """
     trainer = _trainer(model, config.train)
     train_state = trainer.init(_copy(params), _copy(state))
+    if embed_opt is not None:
+        fresh = train_state.opt_state["embed"]
+        if jax.tree.structure(fresh) != jax.tree.structure(embed_opt) or [
+            a.shape for a in jax.tree.leaves(fresh)
+        ] != [a.shape for a in jax.tree.leaves(embed_opt)]:
+            raise ValueError(
+                f"{model.name}: the inherited table optimizer state does not match the "
+                "candidate's (another train.embedding_optimizer or table?)."
+            )
+        train_state = train_state.replace(
+            opt_state={**train_state.opt_state, "embed": _copy(embed_opt)}
+        )
     mesh = parallel.mesh_from_config(config)  # scale-out: as the teacher (train/reference.py)
     if mesh is not None:
         shard = config.parallel.shard_embeddings
@@ -417,6 +457,7 @@ def run_seeds(
     seeds: list[int],
     val: ValidationRows | None = None,
     rows_pad: int = 0,
+    embed_opt=None,
 ) -> list[CandidateResult]:
     """Trains and tests one candidate under `method`'s protocol once per seed.
 
@@ -426,7 +467,9 @@ def run_seeds(
     order and rows); every seed keeps its best epoch and is fine-tuned on the subsequent block. Full Data, Cold Start and Warmup Start
     train the whole model one epoch per stage at train.learning_rate, seed by seed.
     `rows_by_seed`: {seed: {"e", "logits"}} (the same dict for every seed when the method's rows
-    do not depend on the seed). `rows_pad`: see `train_rows_group`'s `pad_to`.
+    do not depend on the seed). `rows_pad`: see `train_rows_group`'s `pad_to`. `embed_opt`: the
+    teacher's table optimizer state (`inherited_embed_opt`), continued by every method that
+    inherits the table (Warmup Start and the reduced ones); None = fresh.
     """
     fmap = store.feature_map
     subsequent = [s.name for s in fmap.stages_with_role("subsequent")]
@@ -444,7 +487,15 @@ def run_seeds(
                 params, state = init_full(model, seed)
             t: dict = {}
             test, seconds, samples = finetune_and_test(
-                model, params, state, store, config, seed, stages, timings=t
+                model,
+                params,
+                state,
+                store,
+                config,
+                seed,
+                stages,
+                timings=t,
+                embed_opt=embed_opt if method == "warmup_start" else None,
             )
             hist = sum(t["stage_seconds"].get(s, 0.0) for s in historical)
             info = {
@@ -510,6 +561,7 @@ def run_seeds(
             seed,
             subsequent,
             timings=t,
+            embed_opt=embed_opt,
         )
         info = {
             "seed": seed,
@@ -537,10 +589,13 @@ def run_candidate(
     teacher_embed: dict,
     rows: dict | None,
     seed: int,
+    embed_opt=None,
 ) -> CandidateResult:
     """Trains and tests one candidate under `method`'s protocol, one seed (see `run_seeds`)."""
     by_seed = None if rows is None else {seed: rows}
-    return run_seeds(method, model, store, config, teacher_embed, by_seed, [seed])[0]
+    return run_seeds(
+        method, model, store, config, teacher_embed, by_seed, [seed], embed_opt=embed_opt
+    )[0]
 
 
 def _check_embedding(model: RecModel, teacher_embed: dict) -> None:

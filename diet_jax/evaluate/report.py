@@ -113,8 +113,8 @@ def fidelity_markdown(fidelity: dict) -> str:
     lines = [
         "| Method | Spearman [95% CI] | Kendall tau [95% CI] | cost ratio, historical phase "
         "(full / method) | per epoch | cost ratio, end to end | mean AUC gap to full | "
-        "candidates |",
-        "|---|---|---|---|---|---|---|---|",
+        "seed agreement (tau) | candidates |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for meth in [m for m in METHOD_ORDER if m in fidelity]:
         f = fidelity[meth]
@@ -123,9 +123,25 @@ def fidelity_markdown(fidelity: dict) -> str:
             f"{_ratio(f.get('cost_ratio_historical', float('nan')))} | "
             f"{_ratio(f.get('cost_ratio_historical_per_epoch', float('nan')))} | "
             f"{_ratio(f.get('cost_ratio_end_to_end', f['cost_ratio']))} | "
-            f"{f['mean_auc_gap']:+.4f} | {len(f['models'])} |"
+            f"{f['mean_auc_gap']:+.4f} | {_fmt(f.get('seed_kendall', float('nan')))} | "
+            f"{len(f['models'])} |"
         )
     return "\n".join(lines)
+
+
+def ceiling_markdown(ceiling: dict) -> list[str]:
+    """The noise ceiling's sentence (and a blank line), or nothing without one."""
+    if not ceiling:
+        return []
+    per_seed = ", ".join(f"{t:.2f}" for t in ceiling["kendall_leave_one_seed_out"])
+    return [
+        f"Noise ceiling: one Full Data seed against the mean of the other seeds ranks the pool "
+        f"with Kendall tau {ceiling['kendall']:.2f} (per seed {per_seed}; Spearman "
+        f"{ceiling['spearman']:.2f}): a method's tau near this figure is as good as another "
+        "Full Data seed. Seed agreement (table): the same for each method against itself, i.e. "
+        "how much of its ranking is seed noise.",
+        "",
+    ]
 
 
 COST_NOTE = (
@@ -183,6 +199,7 @@ def write_report(workdir: str, res: dict) -> str:
             "",
             fidelity_markdown(res["fidelity"]),
             "",
+            *ceiling_markdown(res.get("fidelity_ceiling", {})),
             COST_NOTE,
             "",
         ]
