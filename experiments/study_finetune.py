@@ -16,6 +16,7 @@ AUC on the whole validation day; the test day is never read. Prints a table and 
 import os
 
 import numpy as np
+import study_harness as H
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -37,22 +38,19 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
 
 
 def finetuned_val_auc(model, params, state, store, config, seed, embed_opt) -> float:
-    """protocol.finetune_and_test's training, scored on the validation day."""
-    trainer = protocol._trainer(model, config.train)
-    ts = trainer.init(protocol._copy(params), protocol._copy(state))
-    if embed_opt is not None:
-        ts = ts.replace(opt_state={**ts.opt_state, "embed": protocol._copy(embed_opt)})
-    for i, s in enumerate(store.feature_map.stages_with_role("subsequent")):
-        ts, _ = loop.train_epoch(
-            trainer.step,
-            ts,
-            store.stage(s.name),
-            batch_size=config.train.batch_size,
-            seed=seed,
-            epoch=100 + i,
-            progress=False,
-        )
-    return validation_auc(model, ts.params, ts.model_state, store, config)
+    """The protocol's fine-tune (`protocol.finetune_and_test`), scored on the validation day."""
+    subsequent = [s.name for s in store.feature_map.stages_with_role("subsequent")]
+    metrics, _, _ = protocol.finetune_and_test(
+        model,
+        params,
+        state,
+        H.ValidationAsTest(store),
+        config,
+        seed,
+        subsequent,
+        embed_opt=embed_opt,
+    )
+    return metrics["auc"]
 
 
 def validation_auc(model, params, state, store, config) -> float:
@@ -67,6 +65,10 @@ def validation_auc(model, params, state, store, config) -> float:
 
 
 def main(_):
+    if len(_LRS.value) != len(_MODELS.value):
+        raise app.UsageError(
+            f"--lrs needs one rate per model: {len(_MODELS.value)} models, {len(_LRS.value)} rates."
+        )
     config = _CONFIG.value
     config.progress = False
     config.evaluate.val_rows = 0

@@ -122,7 +122,7 @@ def score_rows(sh: Shared, rows: dict, model_name: str, seed: int, finetune: boo
         # The protocol's fine-tune on the subsequent block, evaluated on the validation day.
         fmap = sh.store.feature_map
         subsequent = [s.name for s in fmap.stages_with_role("subsequent")]
-        val_store = _ValidationAsTest(sh.store)
+        val_store = ValidationAsTest(sh.store)
         params = {"embed": embed, "dense": params_dense}
         m, _, _ = protocol.finetune_and_test(
             model,
@@ -139,7 +139,7 @@ def score_rows(sh: Shared, rows: dict, model_name: str, seed: int, finetune: boo
     return out
 
 
-class _ValidationAsTest:
+class ValidationAsTest:
     """A StageStore view whose "test" role is the validation day: the fine-tuned candidate is
     scored on validation and the test day is never read."""
 

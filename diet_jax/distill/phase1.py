@@ -515,15 +515,14 @@ def boundary_memory(
     if previous is None or not fusion or len(previous) == 0:
         info["retained"] = 0
         return new, info
+    info["reanchored"] = 0
     if reanchor_mode != "off":
         if rows_of is None:
             raise ValueError("Re-anchoring the carried memory needs rows_of(origin, rows_N).")
         previous = reanchor(
             model, teacher, previous_teacher, previous, rows_of, reanchor_mode, batch_size
         )
-    info["reanchored"] = (
-        int((np.asarray(previous.row_N) >= 0).sum()) if reanchor_mode != "off" else 0
-    )
+        info["reanchored"] = int((np.asarray(previous.row_N) >= 0).sum())
     targets = {"e": new.e_NxFxD, "y": jnp.asarray(y, jnp.float32)}
     alpha = retention_scores(
         model, params["dense"], model_state, previous, targets, chunk_size=chunk_size

@@ -390,10 +390,7 @@ def finetune_and_test(
     trainer = _trainer(model, config.train)
     train_state = trainer.init(_copy(params), _copy(state))
     if embed_opt is not None:
-        fresh = train_state.opt_state["embed"]
-        if jax.tree.structure(fresh) != jax.tree.structure(embed_opt) or [
-            a.shape for a in jax.tree.leaves(fresh)
-        ] != [a.shape for a in jax.tree.leaves(embed_opt)]:
+        if _layout(train_state.opt_state["embed"]) != _layout(embed_opt):
             raise ValueError(
                 f"{model.name}: the inherited table optimizer state does not match the "
                 "candidate's (another train.embedding_optimizer or table?)."
@@ -598,13 +595,17 @@ def run_candidate(
     )[0]
 
 
+def _layout(tree) -> tuple:
+    """(tree structure, [(shape, dtype) per leaf]): what must agree for one tree to stand in for
+    another (arrays or ShapeDtypeStructs)."""
+    leaves = [(tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(tree)]
+    return jax.tree.structure(tree), leaves
+
+
 def _check_embedding(model: RecModel, teacher_embed: dict) -> None:
     want = jax.eval_shape(lambda: model.init(jax.random.key(0))[0]["embed"])
-    got = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), teacher_embed)
-    if jax.tree.structure(want) != jax.tree.structure(got) or jax.tree.leaves(
-        want
-    ) != jax.tree.leaves(got):
+    if _layout(want) != _layout(teacher_embed):
         raise ValueError(
             f"Candidate {model.name!r} cannot inherit the teacher's embedding table: it expects "
-            f"{jax.tree.leaves(want)}, the teacher has {jax.tree.leaves(got)}. Use one model.embed_dim for all."
+            f"{_layout(want)[1]}, the teacher has {_layout(teacher_embed)[1]}. Use one model.embed_dim for all."
         )
