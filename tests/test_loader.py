@@ -37,6 +37,18 @@ def test_num_batches():
     assert loader.num_batches(96, B, drop_remainder=False) == 6
 
 
+def test_padded_batch_size_pads_least_and_divides():
+    # 10,000 rows: 8,192 -> 16,384 rows of work, 4,096 -> 12,288, 2,048 -> 10,240 (the least).
+    assert loader.padded_batch_size(10_000, 8192) == 2048
+    # 30,000: 2,048 -> 30,720 is within 1/16 of the least (256 -> 30,208); 4,096 -> 32,768 is not.
+    assert loader.padded_batch_size(30_000, 8192) == 2048
+    assert loader.padded_batch_size(8192, 8192) == 8192  # no padding: the batch stays
+    assert loader.padded_batch_size(100, 1024) == 256  # the floor
+    assert loader.padded_batch_size(10_000, 6144, divisor=3) == 1536  # 7 x 1,536 = 10,752
+    assert loader.padded_batch_size(10_000, 8192, divisor=8192) == 8192  # cannot split further
+    assert loader.padded_batch_size(100, 100) == 100  # odd or small: unchanged
+
+
 def test_epoch_with_padding_covers_every_row_once(stage):
     ds = loader.batch_dataset(stage, B, shuffle=True, seed=3, epoch=1, drop_remainder=False)
     batches = [ds[i] for i in range(len(ds))]

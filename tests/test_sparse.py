@@ -247,6 +247,13 @@ def test_reference_training_with_rowwise_adagrad(tiny_store, tmp_path):
         tiny_store.feature_map.tasks,
     )
     assert m["auc"] > 0.6, m
+    # The pass's batch is shrunk to pad least (3,000 rows at 4,096 -> 1,024 x 3); the logits
+    # are those of one forward pass over every row.
+    test = tiny_store.stages("test")[0]
+    predict_step = steps.make_predict_step(run.model)
+    logits = loop.predict(predict_step, run.final.params, run.final.model_state, test, 4096)
+    whole = predict_step(run.final.params, run.final.model_state, jnp.asarray(test.x_NxF))
+    np.testing.assert_allclose(logits, np.asarray(whole), rtol=1e-5, atol=1e-5)
     acc_1 = np.asarray(run.stage_state(1).opt_state["embed"].acc)  # phi_1 from its checkpoint
     acc_T = np.asarray(run.final.opt_state["embed"].acc)
     assert np.all(acc_T >= acc_1) and np.any(acc_T > acc_1)  # accumulators only grow

@@ -74,6 +74,22 @@ def num_batches(rows: int, batch_size: int, drop_remainder: bool) -> int:
     return rows // batch_size if drop_remainder else -(-rows // batch_size)
 
 
+def padded_batch_size(rows: int, batch_size: int, divisor: int = 1, floor: int = 256) -> int:
+    """The largest batch size batch_size / 2^k whose padded pass over `rows` is within 1/16 of
+    the least padding any such size gives.
+
+    A pass with `drop_remainder=False` computes whole batches: 10,000 rows at 8,192 a batch are
+    16,384 rows of work, at 2,048 they are 10,240. Halving keeps the result a divisor of
+    batch_size; it stops at `floor` (smaller batches cost more calls than padding saves) and
+    where `divisor` (the devices a batch is split over) would no longer divide it.
+    """
+    sizes = [batch_size]
+    while sizes[-1] % 2 == 0 and sizes[-1] // 2 >= floor and (sizes[-1] // 2) % divisor == 0:
+        sizes.append(sizes[-1] // 2)
+    work = [num_batches(rows, b, False) * b for b in sizes]
+    return next(b for b, w in zip(sizes, work, strict=True) if 16 * w <= 17 * min(work))
+
+
 def epoch_order(rows: int, *, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
     if not shuffle:
         return np.arange(rows, dtype=np.int64)

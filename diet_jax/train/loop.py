@@ -145,8 +145,13 @@ def train_epoch(
 def predict(
     predict_step, params, model_state, stage: Stage, batch_size: int, sharding=None
 ) -> np.ndarray:
-    """Logits of every row of `stage`, [N, K], in row order (on every process)."""
+    """Logits of every row of `stage`, [N, K], in row order (on every process).
+
+    Batches of `loader.padded_batch_size` (a divisor of batch_size that pads the stage least):
+    logits do not depend on the batch, and padding rows would be computed for nothing."""
     outs = []
+    devices = 1 if sharding is None else len(sharding.device_set)
+    batch_size = loader.padded_batch_size(len(stage), batch_size, devices)
     batches = loader.device_batches(
         stage, batch_size, shuffle=False, drop_remainder=False, sharding=sharding
     )
