@@ -273,12 +273,69 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# Which kernel of bench_gpu.py each phase's time is mostly spent in (for the accelerator
+# forecast); phases not named (the reader, the selections' host work, report, other) are host
+# work and keep their CPU seconds.
+_PHASE_KERNELS = {
+    "teacher": "teacher",
+    "phase1": "teacher",
+    "phase2": "distill",
+    "select_el2n": "teacher",
+    "candidate": "teacher",
+}
+
+
+def _kernel_rates(report: dict) -> dict:
+    """bench_gpu.py's JSON -> {kernel: work per second} (the table optimizer of the default)."""
+    t = report["teacher"]
+    opt = "rowwise_adagrad" if "rowwise_adagrad" in t else next(iter(t))
+    return {
+        "teacher": t[opt]["samples_per_s"],
+        "distill": report["distill"]["meta_iterations_per_s"],
+    }
+
+
+def accelerator_forecast(runs: list[dict], accel: dict, cpu: dict, loader_rate: float = 0.0):
+    """{phase: 100M-line seconds on the accelerator}: each phase's affine CPU forecast divided by
+    the speed-up of its kernel (bench_gpu.py on the accelerator / on this CPU, same sizes),
+    and for phases that stream the store no faster than the host loader (`loader_rate`
+    samples/s, 0 = no bound) can feed them. An estimate: compilation, host work inside a phase
+    and the accelerator's start-up are charged at the CPU's pace or not at all."""
+    rows = [r["lines"] for r in runs]
+    ra, rc = _kernel_rates(accel), _kernel_rates(cpu)
+    samples_per_line = sum(runs[-1]["samples"].values()) / runs[-1]["lines"]
+    out = {}
+    for n in [n for n in runs[-1]["seconds"] if n != "other"] + ["other"]:
+        secs = _affine(rows, [r["seconds"].get(n, 0.0) for r in runs])
+        kernel = _PHASE_KERNELS.get("candidate" if n.startswith("candidate_") else n)
+        if kernel is None:
+            out[n] = secs
+            continue
+        fast = secs * rc[kernel] / ra[kernel]
+        if loader_rate and n in ("teacher", "phase1"):  # one pass over every sample
+            fast = max(fast, 1e8 * samples_per_line / loader_rate)
+        out[n] = fast
+    out["total"] = sum(out.values())
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--root", default="/tmp/bench_scale")
     p.add_argument("--sizes", default="1e6,4e6,16e6")
     p.add_argument("--table_only", action="store_true", help="only redraw the table")
     p.add_argument("--reader_only", action="store_true", help="the preprocess phase alone")
+    p.add_argument(
+        "--accelerator_json",
+        help="bench_gpu.py --json of an accelerator: add a 100M forecast on it",
+    )
+    p.add_argument("--cpu_json", help="bench_gpu.py --nosmall --json on this CPU (same sizes)")
+    p.add_argument(
+        "--loader_samples_per_s",
+        type=float,
+        default=0.0,
+        help="host loader rate (bench_teacher.py --loader_only) bounding one pass",
+    )
     args = p.parse_args()
     os.makedirs(args.root, exist_ok=True)
     runs = []
@@ -299,6 +356,22 @@ def main() -> None:
             flush=True,
         )
     text = table(runs)
+    if args.accelerator_json and args.cpu_json and len(runs) >= 2:
+        accel = json.load(open(args.accelerator_json))
+        fc = accelerator_forecast(
+            runs, accel, json.load(open(args.cpu_json)), args.loader_samples_per_s
+        )
+        text += (
+            f"\n\n100M lines on {accel['device']} (estimate: affine CPU forecast / "
+            "bench_gpu kernel speed-up; host phases at CPU pace"
+            + (
+                f"; one pass no faster than {args.loader_samples_per_s:,.0f} samples/s"
+                if args.loader_samples_per_s
+                else ""
+            )
+            + "):\n\n| phase | s |\n|---|---:|\n"
+        )
+        text += "\n".join(f"| {n} | {v:.0f} |" for n, v in fc.items())
     print(text)
     json.dump(runs, open(os.path.join(args.root, "bench_scale.json"), "w"), indent=1)
     with open(os.path.join(args.root, "bench_scale.md"), "w") as f:

@@ -1,9 +1,13 @@
 """Teacher training throughput: samples/s and step time on whatever device JAX finds.
 
     python experiments/bench_teacher.py --config=configs/synthetic.py [--workdir=/tmp/bench] [--steps=100]
+    python experiments/bench_teacher.py --config=configs/synthetic.py --loader_only
 
 Times the jitted, donating train step of the reference model over real batches of the first
 historical stage, fed by the same loader as training, after a warm-up that compiles it.
+`--loader_only`: the loader alone (batches gathered from the memmaps and put on the device, no
+step), the rate that bounds one pass over the store on an accelerator (bench_scale.py
+`--loader_samples_per_s`).
 """
 
 import os
@@ -26,6 +30,7 @@ _WORKDIR = flags.DEFINE_string(
 )
 _STEPS = flags.DEFINE_integer("steps", 100, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed steps (compilation).")
+_LOADER_ONLY = flags.DEFINE_bool("loader_only", False, "Time the loader alone, no train step.")
 
 
 def main(_):
@@ -47,6 +52,18 @@ def main(_):
         b for e in epochs for b in loader.device_batches(stage, bs, shuffle=True, seed=0, epoch=e)
     )
 
+    if _LOADER_ONLY.value:
+        for _ in range(_WARMUP.value):
+            next(batches)
+        start = time.perf_counter()
+        for _ in range(_STEPS.value):
+            jax.block_until_ready(next(batches))
+        seconds = time.perf_counter() - start
+        print(
+            f"loader alone, batch {bs}: {_STEPS.value * bs / seconds:,.0f} samples/s "
+            f"({1e3 * seconds / _STEPS.value:.2f} ms/batch, {len(store.feature_map.fields)} fields)"
+        )
+        return
     for _ in range(_WARMUP.value):
         state, m = step(state, next(batches))
     jax.block_until_ready(state)

@@ -314,7 +314,7 @@ def test_every_method_is_timed_alike_without_compilation(tiny_reference):
     protocol._WARM.clear()
     protocol._TRAINERS.clear()
     protocol._predict_step.cache_clear()
-    group.make_group_fns.cache_clear()
+    group._group_fns.cache_clear()
     model = build_model(config.model, store.feature_map, name="dcn")
     rows = methods.selection_memory("random", config, store, ref).trainable()
     teacher_embed = ref.final.params["embed"]

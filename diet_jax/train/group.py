@@ -49,7 +49,6 @@ def padded_order(n: int, batch_size: int, rng: np.random.Generator, length: int 
     return np.concatenate([order, np.full(total - n, -1, np.int32)])
 
 
-@functools.cache
 def make_group_fns(
     model: RecModel,
     batch_size: int,
@@ -59,6 +58,14 @@ def make_group_fns(
     predict_chunk: int = 4096,
 ) -> GroupFns:
     """The jitted epoch, predict and keep functions of a group (or of one member)."""
+    # One member has no G axis to share rows over: the same functions either way, so one cache
+    # entry (and one compilation per architecture) serves both.
+    shared_rows = shared_rows or not vmapped
+    return _group_fns(model, batch_size, max_grad_norm, shared_rows, vmapped, predict_chunk)
+
+
+@functools.cache
+def _group_fns(model, batch_size, max_grad_norm, shared_rows, vmapped, predict_chunk) -> GroupFns:
     tx = rows_tx(max_grad_norm)
 
     def loss_fn(p, s, e_BxFxD, t_BxK, w_B):
