@@ -19,6 +19,14 @@ reader's growth exponent in minutes instead of the whole pipeline's hour), stopp
 after the stage store is written.
 
     python experiments/bench_scale.py --root=/tmp/bench_reader --sizes=1e6,4e6,16e6 --reader_only
+
+`--accelerator_json=A --cpu_json=C [--loader_samples_per_s=R]` adds a 100M-line forecast on an
+accelerator: each phase's affine CPU forecast divided by the speed-up of the kernel it mostly runs
+(bench_gpu.py's JSON on the accelerator, A, against the same script at the same sizes on this CPU,
+C: `bench_gpu.py --nosmall --json=C`): teacher, phase 1, EL2N and candidates by the train step's,
+phase 2 by the outer iteration's; host phases (the reader, K-means, report, other) at the CPU's
+pace; one pass over the store (teacher, phase 1) no faster than the host loader's R samples/s
+(`bench_teacher.py --loader_only`). An estimate, printed as one.
 """
 
 from __future__ import annotations
