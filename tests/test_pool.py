@@ -234,3 +234,13 @@ def test_padding_rows_changes_nothing(group_setup):
     for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"]), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(a["val_auc"], b["val_auc"], atol=1e-6)
+
+
+def test_one_sequential_epoch_function_per_architecture(group_setup):
+    """Without a member axis shared and per-member rows are the same program: one jitted
+    function (one compilation per architecture), where a group keeps two."""
+    _, model, _, _ = group_setup
+    seq = [group.make_group_fns(model, 32, 10.0, shared, False) for shared in (True, False)]
+    assert seq[0] is seq[1]
+    vm = [group.make_group_fns(model, 32, 10.0, shared, True) for shared in (True, False)]
+    assert vm[0] is not vm[1]
