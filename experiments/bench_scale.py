@@ -134,7 +134,8 @@ def child(argv: list[str]) -> None:
     )
     phase1.boundary_memory = ph.wrap(phase1.boundary_memory, lambda *a, **k: "phase1")
     methods.selection_memory = ph.wrap(methods.selection_memory, lambda m, *a, **k: f"select_{m}")
-    protocol.run_candidate = ph.wrap(protocol.run_candidate, lambda m, *a, **k: f"candidate_{m}")
+    # methods.run_all trains every (method, candidate) through run_seeds (all seeds at once).
+    protocol.run_seeds = ph.wrap(protocol.run_seeds, lambda m, *a, **k: f"candidate_{m}")
     pipeline.report.write_report = ph.wrap(pipeline.report.write_report, lambda *a, **k: "report")
     t0 = time.perf_counter()
     thread = threading.Thread(target=ph.loop, daemon=True)
