@@ -249,9 +249,14 @@ def run_size(lines: int, root: str, reader_only: bool = False) -> dict:
     return phases
 
 
+def _phase_names(runs: list[dict]) -> list[str]:
+    """The phases of the largest run in the order they ran, `other` last."""
+    return [n for n in runs[-1]["seconds"] if n != "other"] + ["other"]
+
+
 def table(runs: list[dict]) -> str:
     rows = [r["lines"] for r in runs]
-    names = [n for n in runs[-1]["seconds"] if n != "other"] + ["other"]
+    names = _phase_names(runs)
     head = " | ".join(f"{r / 1e6:g}M s" for r in rows)
     lines = [
         f"| phase | {head} | exponent | 100M s (power law) | 100M s (affine) | peak RSS MB | "
@@ -314,7 +319,7 @@ def accelerator_forecast(runs: list[dict], accel: dict, cpu: dict, loader_rate: 
     ra, rc = _kernel_rates(accel), _kernel_rates(cpu)
     samples_per_line = sum(runs[-1]["samples"].values()) / runs[-1]["lines"]
     out = {}
-    for n in [n for n in runs[-1]["seconds"] if n != "other"] + ["other"]:
+    for n in _phase_names(runs):
         secs = _affine(rows, [r["seconds"].get(n, 0.0) for r in runs])
         kernel = _PHASE_KERNELS.get("candidate" if n.startswith("candidate_") else n)
         if kernel is None:
