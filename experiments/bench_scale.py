@@ -309,6 +309,18 @@ def _kernel_rates(report: dict) -> dict:
     }
 
 
+def _bench_gpu_json(path: str) -> dict:
+    """A bench_gpu.py --json file, checked for what the forecast reads."""
+    with open(path) as f:
+        report = json.load(f)
+    missing = [k for k in ("device", "teacher", "distill") if k not in report]
+    if missing or not report["teacher"]:
+        raise SystemExit(
+            f"{path}: not a bench_gpu.py --json report (missing {missing or 'teacher'})"
+        )
+    return report
+
+
 def accelerator_forecast(runs: list[dict], accel: dict, cpu: dict, loader_rate: float = 0.0):
     """{phase: 100M-line seconds on the accelerator}: each phase's affine CPU forecast divided by
     the speed-up of its kernel (bench_gpu.py on the accelerator / on this CPU, same sizes),
@@ -351,6 +363,8 @@ def main() -> None:
         help="host loader rate (bench_teacher.py --loader_only) bounding one pass",
     )
     args = p.parse_args()
+    if bool(args.accelerator_json) != bool(args.cpu_json):
+        p.error("--accelerator_json and --cpu_json go together (bench_gpu.py on each device)")
     os.makedirs(args.root, exist_ok=True)
     runs = []
     for s in args.sizes.split(","):
@@ -371,10 +385,8 @@ def main() -> None:
         )
     text = table(runs)
     if args.accelerator_json and args.cpu_json and len(runs) >= 2:
-        accel = json.load(open(args.accelerator_json))
-        fc = accelerator_forecast(
-            runs, accel, json.load(open(args.cpu_json)), args.loader_samples_per_s
-        )
+        accel, cpu = (_bench_gpu_json(f) for f in (args.accelerator_json, args.cpu_json))
+        fc = accelerator_forecast(runs, accel, cpu, args.loader_samples_per_s)
         text += (
             f"\n\n100M lines on {accel['device']} (estimate: affine CPU forecast / "
             "bench_gpu kernel speed-up; host phases at CPU pace"
