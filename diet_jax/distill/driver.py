@@ -474,6 +474,10 @@ def distill(
         random_init = t == 1 or proxy_model is not model
         ctx = bilevel.stage_context(teacher, proxy, n_rows, capacity, random_init=random_init)
         state = bilevel.init_state(memory0, tx, seed=config.seed + t, capacity=capacity)
+        # Phase 2 holds the memory in its state (padded copy, Adam moments): neither D_syn^{t-1}
+        # nor phase 1's rows stay alive beside it (the memory grows with the stream), only the
+        # rows' provenance.
+        previous, memory0 = None, memory0.replace(e_NxFxD=None, logits_NxK=None)
         if mesh is not None:
             state = parallel.put_replicated(state, mesh)
             shard = config.parallel.shard_embeddings

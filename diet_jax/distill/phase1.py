@@ -376,6 +376,33 @@ def stage_selection(
     return idx
 
 
+def embed_rows(model: RecModel, params, model_state, x_NxF, batch_size: int = 4096):
+    """(e = Embed_phi(x) [N, F, D], y~ = f_phi(e) logits [N, K]) as host arrays.
+
+    Padded batches of one shape (one compilation), each written into the preallocated outputs
+    as it comes back: the host holds the result once, not a list of batches and their
+    concatenation (three copies of a memory that grows with the stream).
+    """
+    x = np.asarray(x_NxF, np.int32)
+    n = x.shape[0]
+    if n == 0:
+        raise ValueError("to_memory needs at least one row.")
+    bs = min(batch_size, n)
+    e_out = lg_out = None
+    for i in range(0, n, bs):
+        xb = x[i : i + bs]
+        m = xb.shape[0]
+        if m < bs:
+            xb = np.concatenate([xb, np.zeros((bs - m, x.shape[1]), np.int32)])
+        e, lg = _embed_and_logits(model, params, model_state, jnp.asarray(xb))
+        if e_out is None:
+            e_out = np.empty((n, *e.shape[1:]), e.dtype)
+            lg_out = np.empty((n, *lg.shape[1:]), lg.dtype)
+        e_out[i : i + m] = np.asarray(e)[:m]
+        lg_out[i : i + m] = np.asarray(lg)[:m]
+    return e_out, lg_out
+
+
 def to_memory(
     model: RecModel,
     params,
@@ -390,19 +417,8 @@ def to_memory(
 
     `params`/`model_state` are the stage teacher's; rows are processed in padded batches.
     """
-    x = np.asarray(x_NxF, np.int32)
-    n = x.shape[0]
-    if n == 0:
-        raise ValueError("to_memory needs at least one row.")
-    bs = min(batch_size, n)
-    pad = -n % bs
-    x = np.concatenate([x, np.zeros((pad, x.shape[1]), np.int32)]) if pad else x
-    es, lgs = [], []
-    for i in range(0, x.shape[0], bs):
-        e, lg = _embed_and_logits(model, params, model_state, jnp.asarray(x[i : i + bs]))
-        es.append(e)
-        lgs.append(lg)
-    return memory_lib.new(jnp.concatenate(es)[:n], jnp.concatenate(lgs)[:n], origin, rows_N=rows_N)
+    e, logits = embed_rows(model, params, model_state, x_NxF, batch_size)
+    return memory_lib.new(e, logits, origin, rows_N=rows_N)
 
 
 REANCHOR = ("off", "replace", "offsets")
@@ -429,29 +445,35 @@ def reanchor(
         raise ValueError(f"config.distill.reanchor must be one of {REANCHOR}, got {mode!r}.")
     if mode == "off" or len(memory) == 0:
         return memory
-    e = np.asarray(memory.e_NxFxD).copy()
-    logits = np.asarray(memory.logits_NxK).copy()
+    e = np.array(memory.e_NxFxD)  # updated in place, chunk by chunk
+    logits = np.array(memory.logits_NxK)
     origin_N, row_N = np.asarray(memory.origin_N), np.asarray(memory.row_N)
+    # Chunks of rows, so that the re-embedded rows (and phi_{t-1}'s, for "offsets") exist for
+    # one chunk at a time, not for the whole carried memory.
+    chunk = 8 * batch_size
     for origin in np.unique(origin_N[row_N >= 0]):
-        sel = np.flatnonzero((origin_N == origin) & (row_N >= 0))
-        x = np.asarray(rows_of(int(origin), row_N[sel]), np.int32)
-        new = to_memory(
-            model, teacher.params, teacher.model_state, x, origin=int(origin), batch_size=batch_size
-        )
-        e_new, logits_new = np.asarray(new.e_NxFxD), np.asarray(new.logits_NxK)
-        if mode == "offsets":
-            old = to_memory(
-                model,
-                previous_teacher.params,
-                previous_teacher.model_state,
-                x,
-                origin=int(origin),
-                batch_size=batch_size,
+        sel_all = np.flatnonzero((origin_N == origin) & (row_N >= 0))
+        for j in range(0, sel_all.size, chunk):
+            sel = sel_all[j : j + chunk]
+            x = np.asarray(rows_of(int(origin), row_N[sel]), np.int32)
+            e_new, logits_new = embed_rows(
+                model, teacher.params, teacher.model_state, x, min(batch_size, sel_all.size)
             )
-            e_new = e_new + (e[sel] - np.asarray(old.e_NxFxD))
-            logits_new = logits_new + (logits[sel] - np.asarray(old.logits_NxK))
-        e[sel], logits[sel] = e_new, logits_new
-    return memory.replace(e_NxFxD=jnp.asarray(e), logits_NxK=jnp.asarray(logits))
+            if mode == "offsets":
+                e_old, logits_old = embed_rows(
+                    model,
+                    previous_teacher.params,
+                    previous_teacher.model_state,
+                    x,
+                    min(batch_size, sel_all.size),
+                )
+                e_new += e[sel] - e_old
+                logits_new += logits[sel] - logits_old
+            e[sel], logits[sel] = e_new, logits_new
+    return memory.replace(
+        e_NxFxD=memory_lib.on_device(e, np.float32),
+        logits_NxK=memory_lib.on_device(logits, np.float32),
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("model", "chunk_size"))
