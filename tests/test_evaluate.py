@@ -356,3 +356,38 @@ def test_tiny_run_covers_the_pool_with_seed_keys_and_both_cost_ratios(tiny_run):
     assert "Kendall tau [95% CI]" in report and "figure1.png" in report
     assert res["fidelity_ceiling"] == {}  # one seed in `:tiny`: no ceiling
     assert os.path.exists(os.path.join(workdir, "figure1.png"))
+
+
+def test_reference_lr_grid_picks_the_best_validation_rate(tiny_reference, monkeypatch):
+    """evaluate.reference_lr_grid: Cold Start's rate is the argmax of the final models'
+    validation AUCs on the first seed; that run is the first seed's result, and the other seeds
+    train at the chosen rate."""
+    from diet_jax.evaluate import protocol
+    from diet_jax.models import build_model
+
+    config, store, ref = tiny_reference
+    config = config.copy_and_resolve_references()
+    config.evaluate.reference_lr_grid = (1e-4, 3e-2)
+    model = build_model(config.model, store.feature_map, name="dcn")
+    calls = []
+    real = protocol._reference_run
+
+    def spy(method, model, store, config, embed, seed, *args, **kw):
+        r = real(method, model, store, config, embed, seed, *args, **kw)
+        calls.append((seed, r.info["lr"], r.info.get("val_auc"), r.metrics["auc"]))
+        return r
+
+    monkeypatch.setattr(protocol, "_reference_run", spy)
+    outs = protocol.run_seeds(
+        "cold_start", model, store, config, ref.final.params["embed"], None, [0, 1]
+    )
+    grid_runs = [c for c in calls if c[0] == 0]
+    assert [c[1] for c in grid_runs] == [1e-4, 3e-2]
+    best = int(np.argmax([c[2] for c in grid_runs]))
+    chosen = grid_runs[best][1]
+    assert outs[0].info["lr"] == chosen and outs[1].info["lr"] == chosen
+    assert outs[0].metrics["auc"] == grid_runs[best][3]  # the grid's run, not a retrain
+    assert outs[0].info["lr_grid_val_auc"] == [c[2] for c in grid_runs]
+    assert [c[:2] for c in calls[2:]] == [(1, chosen)]  # seed 1 once, at the chosen rate
+    # The two rates really differ (else the test could not tell a wrong choice).
+    assert grid_runs[0][2] != grid_runs[1][2]

@@ -109,6 +109,26 @@ def _selection_memories(method, config, store, ref, workdir, res, seeds) -> dict
     return out
 
 
+def seed_results_entry(method: str, cand, seeds: list[int], outs) -> dict:
+    """The results.json entry of one (method, candidate) from `protocol.run_seeds`' runs."""
+    per_seed = [
+        {
+            "seed": seed,
+            "auc": float(o.metrics["auc"]),
+            "logloss": float(o.metrics["logloss"]),
+            "per_task": o.metrics["per_task"],
+            "train_seconds": float(o.train_seconds),
+            "train_samples": int(o.train_samples),
+            "historical_seconds": float(o.info["historical_seconds"]),
+            "finetune_seconds": float(o.info["finetune_seconds"]),
+            "historical_epochs": int(o.info["historical_epochs"]),
+            "lr": float(o.info["lr"]),
+        }
+        for seed, o in zip(seeds, outs, strict=True)
+    ]
+    return results_lib.seed_entry(method, cand.name, cand.backbone, per_seed)
+
+
 def run_all(
     config,
     store: StageStore,
@@ -164,22 +184,7 @@ def run_all(
         outs = protocol.run_seeds(
             method, model, store, config, teacher_embed, rows, seeds, val, rows_pad, embed_opt
         )
-        per_seed = [
-            {
-                "seed": seed,
-                "auc": float(o.metrics["auc"]),
-                "logloss": float(o.metrics["logloss"]),
-                "per_task": o.metrics["per_task"],
-                "train_seconds": float(o.train_seconds),
-                "train_samples": int(o.train_samples),
-                "historical_seconds": float(o.info["historical_seconds"]),
-                "finetune_seconds": float(o.info["finetune_seconds"]),
-                "historical_epochs": int(o.info["historical_epochs"]),
-                "lr": float(o.info["lr"]),
-            }
-            for seed, o in zip(seeds, outs, strict=True)
-        ]
-        e = results_lib.seed_entry(method, cand.name, cand.backbone, per_seed)
+        e = seed_results_entry(method, cand, seeds, outs)
         results_lib.upsert(res, e)
         res.setdefault("candidate_info", {})[f"{method}/{cand.name}"] = [o.info for o in outs]
         logging.info(

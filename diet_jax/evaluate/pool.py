@@ -184,6 +184,11 @@ def check(config) -> None:
     grid = tuple(ev.lr_grid)
     if any(not (isinstance(lr, int | float) and lr > 0) for lr in grid):
         raise ValueError(f"config.evaluate.lr_grid must hold positive numbers, got {grid}.")
+    ref_grid = tuple(ev.reference_lr_grid)
+    if any(not (isinstance(lr, int | float) and lr > 0) for lr in ref_grid):
+        raise ValueError(
+            f"config.evaluate.reference_lr_grid must hold positive numbers, got {ref_grid}."
+        )
     if not grid and not ev.learning_rate > 0:
         raise ValueError(f"config.evaluate.learning_rate must be positive, got {ev.learning_rate}.")
     if int(ev.max_epochs) < 1:

@@ -380,10 +380,12 @@ def finetune_and_test(
     stages,
     timings: dict | None = None,
     embed_opt=None,
+    validate: bool = False,
 ):
     """One epoch per stage in `stages` (names, in order) on the whole model, then test metrics.
 
-    `timings`, if given, receives {"stage_seconds": {name: s}, "timed_compiles": n}.
+    `timings`, if given, receives {"stage_seconds": {name: s}, "timed_compiles": n}, and with
+    `validate` also {"validation": metrics of the final model on the validation day}.
     `embed_opt`: the row-optimizer state the table's updates continue from (the teacher's,
     `inherited_embed_opt`); None = a fresh one.
     """
@@ -441,7 +443,77 @@ def finetune_and_test(
     if timings is not None:
         timings["stage_seconds"] = per_stage
         timings["timed_compiles"] = compiles
+        if validate:  # outside the clock, like every validation pass
+            timings["validation"] = loop.evaluate(
+                _predict_step(model),
+                train_state.params,
+                train_state.model_state,
+                store.stages("validation")[0],
+                config.train.eval_batch_size,
+                store.feature_map.tasks,
+                sharding=rows,
+            )
     return test, seconds, samples
+
+
+REFERENCE_METHODS = ("full_data", "cold_start", "warmup_start")
+
+
+def _with_learning_rate(config, lr: float):
+    """The config with train.learning_rate = lr (the whole model's Adam step), or itself."""
+    if float(config.train.learning_rate) == lr:
+        return config
+    cfg = config.copy_and_resolve_references()
+    cfg.train.learning_rate = lr
+    return cfg
+
+
+def _reference_run(
+    method,
+    model,
+    store,
+    config,
+    teacher_embed,
+    seed,
+    stages,
+    historical,
+    lr,
+    embed_opt,
+    validate=False,
+) -> CandidateResult:
+    """One seed of a reference method at Adam step `lr`: one epoch per stage in `stages`."""
+    if method == "warmup_start":
+        params_dense, state = init_dense(model, seed)
+        params = {"embed": teacher_embed, "dense": params_dense}
+    else:
+        params, state = init_full(model, seed)
+    t: dict = {}
+    test, seconds, samples = finetune_and_test(
+        model,
+        params,
+        state,
+        store,
+        _with_learning_rate(config, lr),
+        seed,
+        stages,
+        timings=t,
+        embed_opt=embed_opt if method == "warmup_start" else None,
+        validate=validate,
+    )
+    hist = sum(t["stage_seconds"].get(s, 0.0) for s in historical)
+    info = {
+        "stages": stages,
+        "seed": seed,
+        "historical_seconds": hist,
+        "historical_epochs": 1 if method == "full_data" else 0,
+        "finetune_seconds": seconds - hist,
+        "stage_seconds": t["stage_seconds"],
+        "timed_compiles": t["timed_compiles"],
+        "lr": lr,
+    }
+    if validate:
+        info["val_auc"] = float(t["validation"]["auc"])
+    return CandidateResult(test, seconds, samples, info)
 
 
 def run_seeds(
@@ -461,8 +533,10 @@ def run_seeds(
     Reduced-data methods: the learning rate is chosen on the first seed, the evaluate.lr_grid as
     one vmapped group on its rows, by the best-epoch validation AUC (that member is the first
     seed's run); the other seeds train at that rate as one vmapped group (each its own init, row
-    order and rows); every seed keeps its best epoch and is fine-tuned on the subsequent block. Full Data, Cold Start and Warmup Start
-    train the whole model one epoch per stage at train.learning_rate, seed by seed.
+    order and rows); every seed keeps its best epoch and is fine-tuned on the subsequent block.
+    Full Data, Cold Start and Warmup Start train the whole model one epoch per stage, seed by
+    seed, at train.learning_rate, or, with evaluate.reference_lr_grid, at the grid's rate whose
+    final model has the best validation AUC on the first seed (each rate a run of its own).
     `rows_by_seed`: {seed: {"e", "logits"}} (the same dict for every seed when the method's rows
     do not depend on the seed). `rows_pad`: see `train_rows_group`'s `pad_to`. `embed_opt`: the
     teacher's table optimizer state (`inherited_embed_opt`), continued by every method that
@@ -472,45 +546,54 @@ def run_seeds(
     subsequent = [s.name for s in fmap.stages_with_role("subsequent")]
     historical = [s.name for s in fmap.stages_with_role("historical")]
     out = []
-    if method in ("full_data", "cold_start", "warmup_start"):
+    ev = config.evaluate
+    if method in REFERENCE_METHODS:
         if method == "warmup_start":
             _check_embedding(model, teacher_embed)
         stages = historical + subsequent if method == "full_data" else subsequent
-        for seed in seeds:
-            if method == "warmup_start":
-                params_dense, state = init_dense(model, seed)
-                params = {"embed": teacher_embed, "dense": params_dense}
-            else:
-                params, state = init_full(model, seed)
-            t: dict = {}
-            test, seconds, samples = finetune_and_test(
+        ref_grid = [float(lr) for lr in ev.reference_lr_grid]
+
+        def one(seed, lr):
+            return _reference_run(
+                method,
                 model,
-                params,
-                state,
                 store,
                 config,
+                teacher_embed,
                 seed,
                 stages,
-                timings=t,
-                embed_opt=embed_opt if method == "warmup_start" else None,
+                historical,
+                lr,
+                embed_opt,
+                validate=bool(ref_grid),
             )
-            hist = sum(t["stage_seconds"].get(s, 0.0) for s in historical)
-            info = {
-                "stages": stages,
-                "seed": seed,
-                "historical_seconds": hist,
-                "historical_epochs": 1 if method == "full_data" else 0,
-                "finetune_seconds": seconds - hist,
-                "stage_seconds": t["stage_seconds"],
-                "timed_compiles": t["timed_compiles"],
-                "lr": float(config.train.learning_rate),
+
+        by_seed, search = {}, {}
+        if ref_grid:
+            # The paper's protocol (5.1.4) for every model: the rate chosen on validation, on
+            # the first seed (as the reduced methods'); the chosen run is that seed's result.
+            runs = [one(seeds[0], lr) for lr in ref_grid]
+            val_auc = [r.info.pop("val_auc") for r in runs]
+            chosen = select_lr(ref_grid, np.asarray(val_auc)[:, None])
+            lr = ref_grid[chosen]
+            search = {
+                "lr_grid": ref_grid,
+                "lr_grid_val_auc": val_auc,
+                "lr_search_seconds": sum(r.train_seconds for r in runs),
             }
-            out.append(CandidateResult(test, seconds, samples, info))
+            by_seed[seeds[0]] = runs[chosen]
+        else:
+            lr = float(config.train.learning_rate)
+        for seed in seeds:
+            if seed not in by_seed:
+                by_seed[seed] = one(seed, lr)
+                by_seed[seed].info.pop("val_auc", None)
+            by_seed[seed].info.update(search)
+            out.append(by_seed[seed])
         return out
     _check_embedding(model, teacher_embed)
     if rows_by_seed is None or any(s not in rows_by_seed for s in seeds):
         raise ValueError(f"Method {method!r} needs its rows (embeddings and soft labels).")
-    ev = config.evaluate
     val = val if val is not None else validation_rows(model, teacher_embed, store, config)
     grid = [float(lr) for lr in ev.lr_grid]
     search, members = {}, {}  # members: seed -> (group result, member index, group size)
