@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -132,6 +133,14 @@ def child(argv: list[str]) -> None:
     pipeline.distill_driver.distill = ph.wrap(
         pipeline.distill_driver.distill, lambda *a, **k: "phase2"
     )
+    if os.environ.get("BENCH_DISTILL_ONLY"):
+        wrapped_distill = pipeline.distill_driver.distill
+
+        def distill_then_stop(*a, **k):
+            wrapped_distill(*a, **k)
+            raise SystemExit(0)
+
+        pipeline.distill_driver.distill = distill_then_stop
     phase1.boundary_memory = ph.wrap(phase1.boundary_memory, lambda *a, **k: "phase1")
     methods.selection_memory = ph.wrap(methods.selection_memory, lambda m, *a, **k: f"select_{m}")
     # methods.run_all trains every (method, candidate) through run_seeds (all seeds at once).
@@ -183,7 +192,7 @@ def _affine(rows: list[float], secs: list[float]) -> float:
     return secs[-1] + slope * (1e8 - rows[-1])
 
 
-def run_size(lines: int, root: str, reader_only: bool = False) -> dict:
+def run_size(lines: int, root: str, reader_only: bool = False, distill_only: bool = False) -> dict:
     import importlib.util
 
     sys.path.insert(0, ROOT)
@@ -200,7 +209,9 @@ def run_size(lines: int, root: str, reader_only: bool = False) -> dict:
     start = time.perf_counter()
     synthetic_taobao.ensure_csv(cfg.data, progress=False)
     gen_s = time.perf_counter() - start
-    out = os.path.join(work, "phases.json")
+    out = os.path.join(work, "phases_distill.json" if distill_only else "phases.json")
+    if distill_only:  # the distillation again, on the stored stages and teacher (if any)
+        shutil.rmtree(os.path.join(work, "run", "distill"), ignore_errors=True)
     cmd = [
         sys.executable,
         os.path.abspath(__file__),
@@ -215,6 +226,8 @@ def run_size(lines: int, root: str, reader_only: bool = False) -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT, DIET_JAX_CACHE=os.path.join(root, "jax_cache"))
     if reader_only:
         env["BENCH_READER_ONLY"] = "1"
+    if distill_only:
+        env["BENCH_DISTILL_ONLY"] = "1"
     log = os.path.join(work, "log.txt")
     start = time.perf_counter()
     with open(log, "w") as f:
@@ -222,6 +235,10 @@ def run_size(lines: int, root: str, reader_only: bool = False) -> dict:
     if rc != 0:
         raise RuntimeError(f"pipeline at {lines} lines failed (exit {rc}); see {log}")
     phases = json.load(open(out))
+    if distill_only:
+        phases.update(lines=lines, loadavg=os.getloadavg())
+        atomic_write_json(out, phases)
+        return phases
     if reader_only:
         fmap = json.load(open(os.path.join(work, "run", "data", "feature_map.json")))
         phases.update(
@@ -345,12 +362,37 @@ def accelerator_forecast(runs: list[dict], accel: dict, cpu: dict, loader_rate: 
     return out
 
 
+def distill_memory(root: str, sizes: list[int]) -> None:
+    """--distill_only: peak RSS of teacher (restore), phase 1 and phase 2 per size, and the
+    growth from the second-largest size to the largest (the issue's bound: within 10%)."""
+    runs = [run_size(n, root, distill_only=True) for n in sizes]
+    print("| phase | " + " | ".join(f"{n / 1e6:g}M peak RSS / RssAnon MB" for n in sizes) + " |")
+    print("|---|" + "---|" * len(sizes))
+    for name in ("teacher", "phase1", "phase2"):
+        cells = [
+            f"{r['peak_rss_kb'].get(name, 0) / 1024:.0f} / {r['peak_anon_kb'].get(name, 0) / 1024:.0f}"
+            for r in runs
+        ]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    if len(runs) >= 2:
+        a, b = (max(r["peak_rss_kb"].values()) for r in runs[-2:])
+        print(
+            f"peak RSS {sizes[-2]:,d} -> {sizes[-1]:,d} lines: {a / 1024:.0f} -> "
+            f"{b / 1024:.0f} MB ({100 * (b / a - 1):+.1f}%)"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--root", default="/tmp/bench_scale")
     p.add_argument("--sizes", default="1e6,4e6,16e6")
     p.add_argument("--table_only", action="store_true", help="only redraw the table")
     p.add_argument("--reader_only", action="store_true", help="the preprocess phase alone")
+    p.add_argument(
+        "--distill_only",
+        action="store_true",
+        help="rerun the distillation alone (store and teacher restored) and compare peak RSS",
+    )
     p.add_argument(
         "--accelerator_json",
         help="bench_gpu.py --json of an accelerator: add a 100M forecast on it",
@@ -366,6 +408,9 @@ def main() -> None:
     if bool(args.accelerator_json) != bool(args.cpu_json):
         p.error("--accelerator_json and --cpu_json go together (bench_gpu.py on each device)")
     os.makedirs(args.root, exist_ok=True)
+    if args.distill_only:
+        distill_memory(args.root, [int(float(x)) for x in args.sizes.split(",")])
+        return
     runs = []
     for s in args.sizes.split(","):
         lines = int(float(s))
