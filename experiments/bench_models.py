@@ -9,7 +9,11 @@
 architecture (each its own init and learning rate) trained on `--rows` in-memory (embedding,
 logit) rows at evaluate.rows_batch_size, one epoch per call, as one vmapped jitted group against
 the same G networks one after another (same jitted epoch, unvmapped). Reports samples x models
-per second of both and their ratio; compile and a first call are excluded from both.
+per second of both and their ratio; compile and a first call are excluded from both. It also
+prints the ceiling of any batching: the FLOP/s that one member's epoch reaches alone (FLOPs from
+XLA's cost analysis of one step, times the steps) against the FLOP/s of a large square f32
+matmul on the same device. Where a member alone already runs near that rate (a compute-bound
+CPU), no vmapping can be faster by more than their ratio.
 
 Every model is the full recommender (embedding table + backbone + shared MMoE head) of
 `config.model`. The train step is the jitted, donating step that `train/steps.py`'s
@@ -147,6 +151,23 @@ def bench_model(config, fmap: FeatureMap, name: str, batch_sizes: list[int]) -> 
     return rows
 
 
+def matmul_flops_per_s(n: int = 1024, calls: int = 20) -> float:
+    """FLOP/s of a jitted n x n x n f32 matmul: what dense compute on this device can reach."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ a)
+    return calls * 2 * n**3 / time_calls(lambda i: f(a), 2, calls)
+
+
+def step_flops(fns, member, lr, e, logits, batch_size: int) -> float | None:
+    """XLA's FLOP count of one training step of one member (an epoch of one batch: the cost
+    analysis of a scan need not multiply its body by the trip count)."""
+    order = jnp.arange(batch_size, dtype=jnp.int32)
+    compiled = fns.epoch.lower(*member, lr, e, logits, order).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
 def bench_group(config, fmap: FeatureMap, name: str, sizes: list[int]) -> list[dict]:
     """Samples x models / s of G members trained as one vmapped group vs one after another."""
     from diet_jax.train import group
@@ -180,6 +201,9 @@ def bench_group(config, fmap: FeatureMap, name: str, sizes: list[int]) -> list[d
         t_seq = time_calls(lambda i, calls=seq_calls: [c() for c in calls], 1, _EPOCHS.value)
         t_vm = time_calls(lambda i, call=vm_call: call(), 1, _EPOCHS.value)
         work = _EPOCHS.value * n * g
+        flops = step_flops(seq, members[0], lrs[0], e, logits, bs)
+        steps = _EPOCHS.value * g * (orders[0].shape[0] // bs)
+        seq_flops_per_s = flops * steps / t_seq if flops else None
         rows.append(
             {
                 "model": name,
@@ -189,6 +213,8 @@ def bench_group(config, fmap: FeatureMap, name: str, sizes: list[int]) -> list[d
                 "sequential_samples_models_per_s": work / t_seq,
                 "vmapped_samples_models_per_s": work / t_vm,
                 "speedup": t_seq / t_vm,
+                "step_flops": flops,
+                "sequential_flops_per_s": seq_flops_per_s,
             }
         )
         r = rows[-1]
@@ -224,13 +250,24 @@ def main(argv):
         sizes = [int(g) for g in _GROUPS.value]
         for name in _MODELS.value:
             rows += bench_group(config, fmap, name, sizes)
-        print("\n| model | G | sequential | vmapped | speed-up |\n|---|---:|---:|---:|---:|")
+        peak = matmul_flops_per_s()
+        print(
+            "\n| model | G | sequential | vmapped | speed-up | sequential GFLOP/s | of matmul "
+            "rate |\n|---|---:|---:|---:|---:|---:|---:|"
+        )
         for r in rows:
+            r["matmul_flops_per_s"] = peak
+            f = r["sequential_flops_per_s"]
+            frac = f"{f / peak:.0%}" if f else "n/a"
             print(
                 f"| {r['model']} | {r['group']} | {r['sequential_samples_models_per_s']:,.0f} | "
-                f"{r['vmapped_samples_models_per_s']:,.0f} | {r['speedup']:.2f}x |"
+                f"{r['vmapped_samples_models_per_s']:,.0f} | {r['speedup']:.2f}x | "
+                f"{f / 1e9 if f else float('nan'):.1f} | {frac} |"
             )
-        print(f"(samples x models / s, rows {_ROWS.value}, load {os.getloadavg()}, shared CPU)")
+        print(
+            f"(samples x models / s, rows {_ROWS.value}; a 1024^3 f32 matmul runs at "
+            f"{peak / 1e9:.1f} GFLOP/s here; load {os.getloadavg()})"
+        )
         _write_json(dev, rows)
         return
     for name in _MODELS.value:

@@ -1,9 +1,11 @@
 """Evaluation: fidelity figures, selection baselines and the candidate protocol."""
 
+import dataclasses
 import itertools
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -391,3 +393,79 @@ def test_reference_lr_grid_picks_the_best_validation_rate(tiny_reference, monkey
     assert [c[:2] for c in calls[2:]] == [(1, chosen)]  # seed 1 once, at the chosen rate
     # The two rates really differ (else the test could not tell a wrong choice).
     assert grid_runs[0][2] != grid_runs[1][2]
+
+
+def test_precise_bn_statistics_are_the_mean_of_the_batch_statistics(tiny_reference):
+    """loop.precise_batch_stats: (1) the mean over full batches of each batch's own statistics,
+    recovered here independently from the model's running-average updates in train mode, batch
+    after batch from the state it had; (2) on a stage of exactly one batch the eval-mode logits
+    then equal the train-mode ones (the batch is normalized by its own statistics)."""
+    from diet_jax.models import build_model
+    from diet_jax.models.layers import BN_MOMENTUM
+    from diet_jax.train import loop
+    from diet_jax.train.steps import make_batch_stats_step
+
+    config, store, ref = tiny_reference
+    model = build_model(config.model, store.feature_map, name="wukong")  # top MLP BatchNorm
+    params, state = model.init(jax.random.key(3))
+    params = {**params, "embed": ref.final.params["embed"]}
+    assert jax.tree.leaves(state)
+    stage, bs = store.stage("subsequent"), 256
+    n_full = len(stage) // bs
+    stats_step = make_batch_stats_step(model, BN_MOMENTUM)
+    precise = loop.precise_batch_stats(stats_step, params, state, stage, bs)
+
+    m, running, total = BN_MOMENTUM, state, None
+    x = np.asarray(stage.x_NxF)
+    for b in range(n_full):
+        new = model.apply(params, running, x[b * bs : (b + 1) * bs], train=True)[1]
+        own = jax.tree.map(lambda r1, r0: (r1 - m * r0) / (1 - m), new, running)
+        total = own if total is None else jax.tree.map(np.add, total, own)
+        running = new
+    want = jax.tree.map(lambda t: t / n_full, total)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), precise, want)
+    # And it moved: the fresh state (mean 0, var 1) is not the data's.
+    assert not np.allclose(jax.tree.leaves(precise)[0], jax.tree.leaves(state)[0])
+
+    one = dataclasses.replace(stage, x_NxF=stage.x_NxF[:bs], y_NxK=stage.y_NxK[:bs])
+    s1 = loop.precise_batch_stats(stats_step, params, state, one, bs)
+    train_logits = model.apply(params, state, x[:bs], train=True)[0]
+    eval_logits = model.apply(params, s1, x[:bs], train=False)[0]
+    np.testing.assert_allclose(eval_logits, train_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_finetune_continues_the_rows_phase_adam_moments():
+    """protocol._continue_adam puts the rows phase's Adam moments and count in the fine-tune's
+    dense optimizer state (the table's state untouched) and rejects another parameter layout."""
+    import optax
+
+    from diet_jax.evaluate import protocol
+    from diet_jax.train import group
+
+    dense = {"w": jnp.ones((3, 2)), "b": jnp.zeros((2,))}
+    rows_opt = group.rows_tx(10.0).init(dense)
+    adam = protocol.adam_moments(rows_opt)
+    adam = adam._replace(
+        count=jnp.asarray(7, adam.count.dtype),
+        mu=jax.tree.map(lambda m: m + 0.5, adam.mu),
+        nu=jax.tree.map(lambda v: v + 2.0, adam.nu),
+    )
+    ft = {"dense": optax.adam(1e-2).init(dense), "embed": {"acc": jnp.full((4,), 3.0)}}
+    out = protocol._continue_adam(ft, adam, "m")
+    got = protocol.adam_moments(out["dense"])
+    assert int(got.count) == 7
+    np.testing.assert_array_equal(got.mu["w"], np.full((3, 2), 0.5))
+    np.testing.assert_array_equal(got.nu["b"], np.full((2,), 2.0))
+    np.testing.assert_array_equal(out["embed"]["acc"], ft["embed"]["acc"])
+    # The continued state drives optax.adam: its first update is Adam's from those moments at
+    # step 8 (by hand), not the fresh state's lr * sign(g).
+    g = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), dense)
+    upd, _ = optax.adam(1e-2).update(g, out["dense"], dense)
+    mu, nu = 0.9 * 0.5 + 0.1 * 1e-3, 0.999 * 2.0 + 0.001 * 1e-6
+    want = -1e-2 * (mu / (1 - 0.9**8)) / (np.sqrt(nu / (1 - 0.999**8)) + 1e-8)
+    np.testing.assert_allclose(upd["w"], np.full((3, 2), want), rtol=1e-5)
+    fresh, _ = optax.adam(1e-2).update(g, ft["dense"], dense)
+    np.testing.assert_allclose(fresh["w"], np.full((3, 2), -1e-2), rtol=1e-4)
+    other = protocol.adam_moments(group.rows_tx(10.0).init({"w": jnp.ones((2, 2))}))
+    with pytest.raises(ValueError, match="does not match"):
+        protocol._continue_adam(ft, other, "m")

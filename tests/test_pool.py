@@ -56,6 +56,8 @@ def test_pool_check_rejects_repeats_bad_models_seeds_and_grid(tiny_config):
         ("seeds", 0, "evaluate.seeds"),
         ("lr_grid", (1e-3, -1.0), "lr_grid"),
         ("reference_lr_grid", (0.0,), "reference_lr_grid"),
+        ("finetune_lr", "chosen", "finetune_lr"),
+        ("finetune_adam", "warm", "finetune_adam"),
     ]:
         cfg = tiny_config.copy_and_resolve_references()
         cfg.evaluate[key] = value

@@ -123,6 +123,7 @@ def seed_results_entry(method: str, cand, seeds: list[int], outs) -> dict:
             "finetune_seconds": float(o.info["finetune_seconds"]),
             "historical_epochs": int(o.info["historical_epochs"]),
             "lr": float(o.info["lr"]),
+            "val_auc": float(o.info["val_auc"]),  # the final model's, on the validation day
         }
         for seed, o in zip(seeds, outs, strict=True)
     ]

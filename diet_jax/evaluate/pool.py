@@ -195,6 +195,15 @@ def check(config) -> None:
         raise ValueError(f"config.evaluate.max_epochs must be at least 1, got {ev.max_epochs}.")
     if int(ev.val_rows) < 0:
         raise ValueError(f"config.evaluate.val_rows must be >= 0 (0 = all), got {ev.val_rows}.")
+    for key in ("finetune_lr", "finetune_adam"):
+        allowed = ("train", "rows") if key == "finetune_lr" else ("fresh", "rows")
+        if ev[key] not in allowed:
+            raise ValueError(f"config.evaluate.{key} must be one of {allowed}, got {ev[key]!r}.")
+    if ev.finetune_adam == "rows" and config.train.embedding_optimizer == "dense_adam":
+        raise ValueError(
+            "config.evaluate.finetune_adam='rows' needs a row-sparse train.embedding_optimizer "
+            "(the fine-tune's dense Adam state apart from the table's), not dense_adam."
+        )
     if ev.group_mode not in ("auto", "vmap", "sequential"):
         raise ValueError(
             f"config.evaluate.group_mode must be auto, vmap or sequential, got {ev.group_mode!r}."

@@ -27,14 +27,16 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import logging
 
 from diet_jax import metrics, parallel
 from diet_jax.data import loader
 from diet_jax.data.store import StageStore
 from diet_jax.models.factory import RecModel
+from diet_jax.models.layers import BN_MOMENTUM
 from diet_jax.train import group, loop
-from diet_jax.train.steps import make_predict_step, make_trainer
+from diet_jax.train.steps import make_batch_stats_step, make_predict_step, make_trainer
 
 
 @dataclasses.dataclass
@@ -164,7 +166,8 @@ def train_rows_group(
     follows evaluate.group_mode.
     `pad_to`: rows padded to this many (never drawn; their batches are no-ops), so that methods
     with different row counts share one compiled epoch.
-    Returns {"params", "state" (stacked, best epochs), "val_auc" [G, E], "best_epoch" [G],
+    Returns {"params", "state", "opt" (Adam's state; stacked, best epochs), "val_auc" [G, E],
+    "best_epoch" [G],
     "seconds" (training only, the whole group), "samples" (per member), "compiles"}.
     """
     ev = config.evaluate
@@ -210,13 +213,13 @@ def train_rows_group(
             out_GxVxK = np.asarray(fns.predict(p, s, val.e_VxFxD))[:, : val.n]
             aucs[:, epoch] = [_val_auc(val, out_GxVxK[g]) for g in range(g_count)]
             if best is None:
-                best = (p, s)
+                best = (p, s, o)
             else:
                 improved = aucs[:, epoch] > np.nanmax(
                     np.where(np.isnan(aucs[:, :epoch]), -np.inf, aucs[:, :epoch]), axis=1
                 )
-                best = fns.keep(best, (p, s), jnp.asarray(improved))
-        best_p, best_s = best
+                best = fns.keep(best, (p, s, o), jnp.asarray(improved))
+        best_p, best_s, best_o = best
     else:
         kept = []
         for g in range(g_count):
@@ -234,9 +237,9 @@ def train_rows_group(
                 if best is None or aucs[g, epoch] > np.nanmax(
                     np.where(np.isnan(prev), -np.inf, prev)
                 ):
-                    best = (p, s)
+                    best = (p, s, o)
             kept.append(best)
-        best_p, best_s = group.stack([k[0] for k in kept]), group.stack([k[1] for k in kept])
+        best_p, best_s, best_o = (group.stack([k[i] for k in kept]) for i in range(3))
     if not np.isfinite(losses).any():
         raise FloatingPointError(
             f"{model.name}: the loss on rows is {losses[:, 0]} for every member."
@@ -245,6 +248,7 @@ def train_rows_group(
     return {
         "params": best_p,
         "state": best_s,
+        "opt": best_o,
         "val_auc": aucs,
         "best_epoch": _best_epochs(aucs),
         "seconds": clock.seconds,
@@ -312,8 +316,14 @@ def train_on_rows(
 # Jitted functions are built once per model (and per hyperparameters) for the whole run, so a
 # candidate trained under seven methods compiles its steps once, not seven times.
 @functools.cache
+@functools.cache
 def _predict_step(model: RecModel):
-    return make_predict_step(model)
+    return make_predict_step(model)  # one jitted function per model: compiled once
+
+
+@functools.cache
+def _batch_stats_step(model: RecModel):
+    return make_batch_stats_step(model, BN_MOMENTUM)
 
 
 _TRAINERS: dict = {}
@@ -380,14 +390,18 @@ def finetune_and_test(
     stages,
     timings: dict | None = None,
     embed_opt=None,
-    validate: bool = False,
+    dense_adam=None,
 ):
     """One epoch per stage in `stages` (names, in order) on the whole model, then test metrics.
 
-    `timings`, if given, receives {"stage_seconds": {name: s}, "timed_compiles": n}, and with
-    `validate` also {"validation": metrics of the final model on the validation day}.
+    With evaluate.precise_bn the BatchNorm statistics of the final model are re-estimated on the
+    last stage's batches before it is scored (`loop.precise_batch_stats`; every method alike).
+    `timings`, if given, receives {"stage_seconds": {name: s}, "timed_compiles": n,
+    "validation": metrics of the final model on the validation day, "precise_bn_seconds": s}.
     `embed_opt`: the row-optimizer state the table's updates continue from (the teacher's,
-    `inherited_embed_opt`); None = a fresh one.
+    `inherited_embed_opt`); None = a fresh one. `dense_adam`: an optax.ScaleByAdamState of the
+    dense parameters (the rows phase's, at its best epoch) that the dense network's Adam
+    continues from; None = fresh moments.
     """
     trainer = _trainer(model, config.train)
     train_state = trainer.init(_copy(params), _copy(state))
@@ -399,6 +413,10 @@ def finetune_and_test(
             )
         train_state = train_state.replace(
             opt_state={**train_state.opt_state, "embed": _copy(embed_opt)}
+        )
+    if dense_adam is not None:
+        train_state = train_state.replace(
+            opt_state=_continue_adam(train_state.opt_state, _copy(dense_adam), model.name)
         )
     mesh = parallel.mesh_from_config(config)  # scale-out: as the teacher (train/reference.py)
     if mesh is not None:
@@ -431,6 +449,20 @@ def finetune_and_test(
         seconds += stats["seconds"]
         samples += stats["samples"]
         per_stage[name] = stats["seconds"]
+    bn_start = time.perf_counter()
+    if config.evaluate.get("precise_bn", False) and jax.tree.leaves(train_state.model_state):
+        # Outside the training clock, like validation: one forward pass over the stage, the
+        # same for every method.
+        new_state = loop.precise_batch_stats(
+            _batch_stats_step(model),
+            train_state.params,
+            train_state.model_state,
+            store.stage(stages[-1]),
+            config.train.batch_size,
+            sharding=rows,
+        )
+        train_state = train_state.replace(model_state=new_state)
+    bn_seconds = time.perf_counter() - bn_start
     test = loop.evaluate(
         _predict_step(model),
         train_state.params,
@@ -443,16 +475,16 @@ def finetune_and_test(
     if timings is not None:
         timings["stage_seconds"] = per_stage
         timings["timed_compiles"] = compiles
-        if validate:  # outside the clock, like every validation pass
-            timings["validation"] = loop.evaluate(
-                _predict_step(model),
-                train_state.params,
-                train_state.model_state,
-                store.stages("validation")[0],
-                config.train.eval_batch_size,
-                store.feature_map.tasks,
-                sharding=rows,
-            )
+        timings["precise_bn_seconds"] = bn_seconds
+        timings["validation"] = loop.evaluate(  # outside the clock, like every validation pass
+            _predict_step(model),
+            train_state.params,
+            train_state.model_state,
+            store.stages("validation")[0],
+            config.train.eval_batch_size,
+            store.feature_map.tasks,
+            sharding=rows,
+        )
     return test, seconds, samples
 
 
@@ -479,7 +511,6 @@ def _reference_run(
     historical,
     lr,
     embed_opt,
-    validate=False,
 ) -> CandidateResult:
     """One seed of a reference method at Adam step `lr`: one epoch per stage in `stages`."""
     if method == "warmup_start":
@@ -498,7 +529,6 @@ def _reference_run(
         stages,
         timings=t,
         embed_opt=embed_opt if method == "warmup_start" else None,
-        validate=validate,
     )
     hist = sum(t["stage_seconds"].get(s, 0.0) for s in historical)
     info = {
@@ -510,9 +540,9 @@ def _reference_run(
         "stage_seconds": t["stage_seconds"],
         "timed_compiles": t["timed_compiles"],
         "lr": lr,
+        "val_auc": float(t["validation"]["auc"]),
+        "precise_bn_seconds": t["precise_bn_seconds"],
     }
-    if validate:
-        info["val_auc"] = float(t["validation"]["auc"])
     return CandidateResult(test, seconds, samples, info)
 
 
@@ -565,7 +595,6 @@ def run_seeds(
                 historical,
                 lr,
                 embed_opt,
-                validate=bool(ref_grid),
             )
 
         by_seed, search = {}, {}
@@ -573,7 +602,7 @@ def run_seeds(
             # The paper's protocol (5.1.4) for every model: the rate chosen on validation, on
             # the first seed (as the reduced methods'); the chosen run is that seed's result.
             runs = [one(seeds[0], lr) for lr in ref_grid]
-            val_auc = [r.info.pop("val_auc") for r in runs]
+            val_auc = [r.info["val_auc"] for r in runs]
             chosen = select_lr(ref_grid, np.asarray(val_auc)[:, None])
             lr = ref_grid[chosen]
             search = {
@@ -587,7 +616,6 @@ def run_seeds(
         for seed in seeds:
             if seed not in by_seed:
                 by_seed[seed] = one(seed, lr)
-                by_seed[seed].info.pop("val_auc", None)
             by_seed[seed].info.update(search)
             out.append(by_seed[seed])
         return out
@@ -632,16 +660,23 @@ def run_seeds(
         share = res["seconds"] / size  # one member's share of its vmapped group
         params = {"embed": teacher_embed, "dense": group.unstack(res["params"], g)}
         t: dict = {}
+        # The fine-tune continues the rows phase: at its chosen rate and from its Adam moments
+        # when evaluate.finetune_lr / finetune_adam say "rows" (docs/evaluation.md).
+        ft_config = _with_learning_rate(config, lr) if ev.finetune_lr == "rows" else config
+        ft_adam = None
+        if ev.finetune_adam == "rows":
+            ft_adam = adam_moments(group.unstack(res["opt"], g))
         test, seconds, samples = finetune_and_test(
             model,
             params,
             group.unstack(res["state"], g),
             store,
-            config,
+            ft_config,
             seed,
             subsequent,
             timings=t,
             embed_opt=embed_opt,
+            dense_adam=ft_adam,
         )
         info = {
             "seed": seed,
@@ -656,6 +691,8 @@ def run_seeds(
             "historical_epochs": int(ev.max_epochs),  # every epoch trains; the best is kept
             "finetune_seconds": seconds,
             "timed_compiles": t["timed_compiles"] + res["compiles"],
+            "val_auc": float(t["validation"]["auc"]),
+            "precise_bn_seconds": t["precise_bn_seconds"],
         }
         out.append(CandidateResult(test, share + seconds, res["samples"] + samples, info))
     return out
@@ -676,6 +713,33 @@ def run_candidate(
     return run_seeds(
         method, model, store, config, teacher_embed, by_seed, [seed], embed_opt=embed_opt
     )[0]
+
+
+def _is_adam(x) -> bool:
+    return isinstance(x, optax.ScaleByAdamState)
+
+
+def adam_moments(opt_state):
+    """The one optax.ScaleByAdamState in an optimizer state (count, mu, nu)."""
+    found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_adam) if _is_adam(x)]
+    if len(found) != 1:
+        raise ValueError(f"Expected one Adam state in the optimizer state, found {len(found)}.")
+    return found[0]
+
+
+def _continue_adam(opt_state: dict, adam: optax.ScaleByAdamState, name: str) -> dict:
+    """The fine-tune's {"dense", "embed"} optimizer state with the dense Adam moments and step
+    count replaced by `adam`'s (the same dense parameters, trained on rows before)."""
+    if "dense" not in opt_state:
+        raise ValueError(
+            f"{name}: continuing the rows phase's Adam state needs a row-sparse "
+            "train.embedding_optimizer (a separate dense optimizer state), not dense_adam."
+        )
+    mine = adam_moments(opt_state["dense"])
+    if _layout(mine) != _layout(adam):
+        raise ValueError(f"{name}: the rows phase's Adam state does not match the fine-tune's.")
+    dense = jax.tree.map(lambda x: adam if _is_adam(x) else x, opt_state["dense"], is_leaf=_is_adam)
+    return {**opt_state, "dense": dense}
 
 
 def _layout(tree) -> tuple:

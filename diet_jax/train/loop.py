@@ -162,6 +162,29 @@ def predict(
     return np.asarray(jnp.concatenate(outs))[: len(stage)]
 
 
+def precise_batch_stats(
+    batch_stats_step, params, model_state, stage: Stage, batch_size: int, sharding=None
+):
+    """model_state with every BatchNorm running statistic replaced by its mean over the whole
+    batches of `stage` ("precise BN"): after a short fine-tune the running averages still
+    remember what the model trained on before it (momentum 0.9 keeps 0.9^steps of it), rows that
+    need not look like real data. The mean of the batch variances, as the running average
+    estimates it; full batches only, so that padding never enters a statistic."""
+    if not jax.tree.leaves(model_state):
+        return model_state
+    batch_size = min(batch_size, len(stage))
+    total, n = None, 0
+    for batch in loader.device_batches(
+        stage, batch_size, shuffle=False, drop_remainder=True, sharding=sharding
+    ):
+        b = batch_stats_step(params, model_state, batch["x"])
+        total = b if total is None else jax.tree.map(jnp.add, total, b)
+        n += 1
+    if n == 0:
+        return model_state
+    return jax.tree.map(lambda t: t / n, total)
+
+
 def evaluate(
     predict_step, params, model_state, stage: Stage, batch_size: int, tasks, sharding=None
 ) -> dict:

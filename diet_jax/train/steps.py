@@ -325,3 +325,20 @@ def make_predict_step(model: RecModel):
         return model.apply(params, model_state, x_BxF, train=False)[0]
 
     return predict_step
+
+
+def make_batch_stats_step(model: RecModel, momentum: float):
+    """(params, model_state, x_BxF) -> this batch's own BatchNorm statistics (mean, var of every
+    BatchNorm layer, in model_state's layout).
+
+    A train-mode pass normalizes with the batch's statistics, never the running ones, and
+    updates each running average as r' = m r + (1 - m) b: from r = 0, b = r' / (1 - m).
+    `momentum` is the models' BatchNorm momentum (models/layers.BN_MOMENTUM)."""
+
+    @jax.jit
+    def batch_stats_step(params, model_state, x_BxF):
+        zero = jax.tree.map(jnp.zeros_like, model_state)
+        new_state = model.apply(params, zero, x_BxF, train=True)[1]
+        return jax.tree.map(lambda r: r / (1.0 - momentum), new_state)
+
+    return batch_stats_step
