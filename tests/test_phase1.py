@@ -233,3 +233,13 @@ def test_reanchor_moves_carried_rows_into_the_new_teachers_space(tiny_store, tea
     np.testing.assert_allclose(
         np.asarray(mem2.e_NxFxD[30:])[order], np.asarray(fresh.e_NxFxD)[np.argsort(idx)], rtol=1e-6
     )
+
+
+def test_release_free_heap_is_a_no_op_without_malloc_trim(monkeypatch):
+    phase1.release_free_heap()  # glibc: pages back to the OS, nothing else changes
+    calls = []
+    monkeypatch.setattr(phase1, "_malloc_trim", lambda: None)  # macOS, musl: no malloc_trim
+    phase1.release_free_heap()
+    monkeypatch.setattr(phase1, "_malloc_trim", lambda: calls.append)
+    phase1.release_free_heap()
+    assert calls == [0]

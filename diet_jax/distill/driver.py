@@ -503,6 +503,9 @@ def distill(
             last_good=last_good or init_path,
         )
         memory = memory0.with_trainable(jax.tree.map(lambda a, n=n_rows: a[:n], state.syn))
+        # Phase 2's state (the memory padded to the largest stage's rows and its two Adam
+        # moments) and context are not kept through the next stage's phase 1.
+        state = ctx = None
         _save_memory(final_path, memory, record)
         last_good = final_path
         shutil.rmtree(os.path.join(stage_dir(root, t), "ckpt"), ignore_errors=True)
@@ -520,7 +523,7 @@ def distill(
             p2["seconds"],
             p2["iterations"],
         )
-        previous = memory
+        previous, memory = memory, None  # one name for D_syn^t: phase 2 of t + 1 drops it
     return DistillRun(
         root, list(ref.stage_names), previous, seconds, stages_info, restored, previous_fp or ""
     )

@@ -25,6 +25,7 @@ between them (ties by row index, as the in-memory sort). Memory: one chunk plus 
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import os
@@ -491,6 +492,27 @@ def retention_scores(model: RecModel, params_dense, model_state, old: Memory, ta
 # ------------------------------------------------------------------ Algorithm 1
 
 
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_heap() -> None:
+    """Returns the C heap's free pages to the OS (glibc's malloc_trim; elsewhere a no-op).
+
+    Buffers of the previous stage's phase 2 and of this stage's passes (the memory, its
+    padded copies and moments, selection chunks) are freed, but glibc keeps most of them
+    resident in its heap, and they grow with the rows: measured at 16M lines, ~200 MB more
+    RssAnon under the retention pass than at 4M. Results are unchanged.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def boundary_memory(
     model: RecModel,
     teacher,
@@ -517,6 +539,7 @@ def boundary_memory(
     """
     params, model_state = teacher.params, teacher.model_state
     n_t = budget(len(stage), ratio)
+    release_free_heap()  # what the previous stage's phase 2 freed
     # Streamed: scores on a scratch memmap, selection in chunks (same rows as select_boundary).
     idx = stage_selection(
         model,
@@ -545,6 +568,9 @@ def boundary_memory(
             model, teacher, previous_teacher, previous, rows_of, reanchor_mode, batch_size
         )
         info["reanchored"] = int((np.asarray(previous.row_N) >= 0).sum())
+    # The retention pass is phase 1's peak (its temporaries come on top of all that is live):
+    # the reanchoring's and the selection's freed buffers go back to the OS before it.
+    release_free_heap()
     targets = {"e": new.e_NxFxD, "y": jnp.asarray(y, jnp.float32)}
     alpha = retention_scores(
         model, params["dense"], model_state, previous, targets, chunk_size=chunk_size
