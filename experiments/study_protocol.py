@@ -32,10 +32,18 @@ from diet_jax.io_utils import atomic_write_json  # noqa: E402
 MODELS = "wukong,wukong_small,wukong_mid,finalnet,finalnet_1b,finalnet_relu,dcn,dcnv2"
 # arm -> config overrides (on top of the base run's config file and `--overrides`).
 ARMS = {
-    "before": {"evaluate.finetune_adam": "fresh"},
-    "continued_adam": {"evaluate.finetune_adam": "rows"},
-    "rows_lr": {"evaluate.finetune_adam": "fresh", "evaluate.finetune_lr": "rows"},
-    "continued_adam_rows_lr": {"evaluate.finetune_adam": "rows", "evaluate.finetune_lr": "rows"},
+    "before": {"evaluate.finetune_adam": "fresh", "evaluate.precise_bn": "False"},
+    "continued_adam": {"evaluate.finetune_adam": "rows", "evaluate.precise_bn": "False"},
+    "rows_lr": {
+        "evaluate.finetune_adam": "fresh",
+        "evaluate.finetune_lr": "rows",
+        "evaluate.precise_bn": "False",
+    },
+    "continued_adam_rows_lr": {
+        "evaluate.finetune_adam": "rows",
+        "evaluate.finetune_lr": "rows",
+        "evaluate.precise_bn": "False",
+    },
     "precise_bn": {"evaluate.finetune_adam": "fresh", "evaluate.precise_bn": "True"},
     "continued_adam_precise_bn": {"evaluate.finetune_adam": "rows", "evaluate.precise_bn": "True"},
 }
