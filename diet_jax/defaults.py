@@ -80,9 +80,10 @@ def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.optimizer = "adam"
     # Adam rate of the teacher, Full Data, Cold / Warmup Start and every fine-tune. Chosen on the
-    # validation day (docs/evaluation.md, "Learning rates"): the teacher's validation AUC is 0.6662
-    # / 0.6729 / 0.6819 / 0.6493 at 1e-3 / 3e-3 / 1e-2 / 2e-2, and Full Data's grid search chose
-    # 1e-2 for most of the pool. (1e-3 under-trained them: one epoch is ~30 steps a stage.)
+    # validation day (docs/evaluation.md, "Learning rates and the fine-tune"): the teacher's
+    # validation AUC is 0.6658 / 0.6721 / 0.6809 / 0.6481 at 1e-3 / 3e-3 / 1e-2 / 2e-2
+    # (experiments/study_teacher_lr.py), and Full Data's grid search chose 1e-2 for most of the
+    # pool. (1e-3 under-trained them: one epoch is ~30 steps a stage.)
     c.train.learning_rate = 3e-3 if tiny else 1e-2
     c.train.max_grad_norm = 10.0
     c.train.batch_size = 256 if tiny else 1024
