@@ -478,6 +478,7 @@ def distill(
         # nor phase 1's rows stay alive beside it (the memory grows with the stream), only the
         # rows' provenance.
         previous, memory0 = None, memory0.replace(e_NxFxD=None, logits_NxK=None)
+        phase1.release_free_heap()  # phase 1's freed passes, before phase 2's own buffers
         if mesh is not None:
             state = parallel.put_replicated(state, mesh)
             shard = config.parallel.shard_embeddings
