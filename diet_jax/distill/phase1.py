@@ -387,7 +387,7 @@ def embed_rows(model: RecModel, params, model_state, x_NxF, batch_size: int = 40
     x = np.asarray(x_NxF, np.int32)
     n = x.shape[0]
     if n == 0:
-        raise ValueError("to_memory needs at least one row.")
+        raise ValueError("embed_rows (to_memory, reanchor) needs at least one row.")
     bs = min(batch_size, n)
     e_out = lg_out = None
     for i in range(0, n, bs):
@@ -454,19 +454,14 @@ def reanchor(
     chunk = 8 * batch_size
     for origin in np.unique(origin_N[row_N >= 0]):
         sel_all = np.flatnonzero((origin_N == origin) & (row_N >= 0))
+        bs = min(batch_size, sel_all.size)  # one batch shape for every chunk of this origin
         for j in range(0, sel_all.size, chunk):
             sel = sel_all[j : j + chunk]
             x = np.asarray(rows_of(int(origin), row_N[sel]), np.int32)
-            e_new, logits_new = embed_rows(
-                model, teacher.params, teacher.model_state, x, min(batch_size, sel_all.size)
-            )
+            e_new, logits_new = embed_rows(model, teacher.params, teacher.model_state, x, bs)
             if mode == "offsets":
                 e_old, logits_old = embed_rows(
-                    model,
-                    previous_teacher.params,
-                    previous_teacher.model_state,
-                    x,
-                    min(batch_size, sel_all.size),
+                    model, previous_teacher.params, previous_teacher.model_state, x, bs
                 )
                 e_new += e[sel] - e_old
                 logits_new += logits[sel] - logits_old

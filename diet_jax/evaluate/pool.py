@@ -181,22 +181,18 @@ def check(config) -> None:
         )
     if int(ev.seeds) < 1:
         raise ValueError(f"config.evaluate.seeds must be at least 1, got {ev.seeds}.")
+    for key in ("lr_grid", "reference_lr_grid"):
+        rates = tuple(ev[key])
+        if any(not (isinstance(lr, int | float) and lr > 0) for lr in rates):
+            raise ValueError(f"config.evaluate.{key} must hold positive numbers, got {rates}.")
     grid = tuple(ev.lr_grid)
-    if any(not (isinstance(lr, int | float) and lr > 0) for lr in grid):
-        raise ValueError(f"config.evaluate.lr_grid must hold positive numbers, got {grid}.")
-    ref_grid = tuple(ev.reference_lr_grid)
-    if any(not (isinstance(lr, int | float) and lr > 0) for lr in ref_grid):
-        raise ValueError(
-            f"config.evaluate.reference_lr_grid must hold positive numbers, got {ref_grid}."
-        )
     if not grid and not ev.learning_rate > 0:
         raise ValueError(f"config.evaluate.learning_rate must be positive, got {ev.learning_rate}.")
     if int(ev.max_epochs) < 1:
         raise ValueError(f"config.evaluate.max_epochs must be at least 1, got {ev.max_epochs}.")
     if int(ev.val_rows) < 0:
         raise ValueError(f"config.evaluate.val_rows must be >= 0 (0 = all), got {ev.val_rows}.")
-    for key in ("finetune_lr", "finetune_adam"):
-        allowed = ("train", "rows") if key == "finetune_lr" else ("fresh", "rows")
+    for key, allowed in (("finetune_lr", ("train", "rows")), ("finetune_adam", ("fresh", "rows"))):
         if ev[key] not in allowed:
             raise ValueError(f"config.evaluate.{key} must be one of {allowed}, got {ev[key]!r}.")
     if ev.finetune_adam == "rows" and config.train.embedding_optimizer == "dense_adam":

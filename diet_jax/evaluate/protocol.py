@@ -316,9 +316,8 @@ def train_on_rows(
 # Jitted functions are built once per model (and per hyperparameters) for the whole run, so a
 # candidate trained under seven methods compiles its steps once, not seven times.
 @functools.cache
-@functools.cache
 def _predict_step(model: RecModel):
-    return make_predict_step(model)  # one jitted function per model: compiled once
+    return make_predict_step(model)
 
 
 @functools.cache
@@ -450,7 +449,7 @@ def finetune_and_test(
         samples += stats["samples"]
         per_stage[name] = stats["seconds"]
     bn_start = time.perf_counter()
-    if config.evaluate.get("precise_bn", False) and jax.tree.leaves(train_state.model_state):
+    if config.evaluate.precise_bn:  # a no-op for models without BatchNorm
         # Outside the training clock, like validation: one forward pass over the stage, the
         # same for every method.
         new_state = loop.precise_batch_stats(
@@ -463,28 +462,24 @@ def finetune_and_test(
         )
         train_state = train_state.replace(model_state=new_state)
     bn_seconds = time.perf_counter() - bn_start
-    test = loop.evaluate(
-        _predict_step(model),
-        train_state.params,
-        train_state.model_state,
-        store.stages("test")[0],
-        config.train.eval_batch_size,
-        store.feature_map.tasks,
-        sharding=rows,
-    )
-    if timings is not None:
-        timings["stage_seconds"] = per_stage
-        timings["timed_compiles"] = compiles
-        timings["precise_bn_seconds"] = bn_seconds
-        timings["validation"] = loop.evaluate(  # outside the clock, like every validation pass
+
+    def score(stage):  # outside the clock, like every validation pass
+        return loop.evaluate(
             _predict_step(model),
             train_state.params,
             train_state.model_state,
-            store.stages("validation")[0],
+            stage,
             config.train.eval_batch_size,
             store.feature_map.tasks,
             sharding=rows,
         )
+
+    test = score(store.stages("test")[0])
+    if timings is not None:
+        timings["stage_seconds"] = per_stage
+        timings["timed_compiles"] = compiles
+        timings["precise_bn_seconds"] = bn_seconds
+        timings["validation"] = score(store.stages("validation")[0])
     return test, seconds, samples
 
 
