@@ -27,7 +27,7 @@ from diet_jax.data.store import StageStore
 from diet_jax.distill import driver as distill_driver
 from diet_jax.distill import export as distill_export
 from diet_jax.errors import UserError
-from diet_jax.evaluate import methods, report
+from diet_jax.evaluate import methods, pool, report
 from diet_jax.io_utils import MetricsWriter, atomic_write_json
 from diet_jax.train import loop
 from diet_jax.train.reference import train_reference
@@ -196,7 +196,17 @@ def _records(config, store) -> dict:
         out[("selection", method)] = fp_lib.fingerprint(
             config, "selection", {"teacher": teacher["fingerprint"], "method": method}
         )
-    for model in dict.fromkeys((*BACKBONES, *config.evaluate.models)):
+    # Every candidate of the pool, not only the base settings: a variant's entries without a
+    # record would lose their fingerprint and be recomputed by every rerun. A candidate's record
+    # leaves out the other backbones' sections, not its own backbone's (its overrides are in
+    # evaluate.candidates, which every candidate record covers).
+    backbone_of = {b: b for b in BACKBONES}
+    for spec in config.evaluate.candidates:
+        cand = pool.parse(spec)
+        backbone_of.setdefault(cand.name, cand.backbone)
+    for model in config.evaluate.models:
+        backbone_of.setdefault(model, model)
+    for model, backbone in backbone_of.items():
         for method in results_lib.CANDIDATE_METHODS:
             inputs = {"store": store_fp, "method": method}
             if method not in ("full_data", "cold_start"):
@@ -206,7 +216,7 @@ def _records(config, store) -> dict:
             elif method in SELECTIONS:
                 inputs["memory"] = out[("selection", method)]["fingerprint"]
             out[(method, model)] = fp_lib.fingerprint(
-                config, "candidate", inputs, exclude=fp_lib.other_backbones(model)
+                config, "candidate", inputs, exclude=fp_lib.other_backbones(backbone)
             )
     return out
 
