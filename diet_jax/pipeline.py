@@ -199,14 +199,10 @@ def _records(config, store) -> dict:
     # Every candidate of the pool, not only the base settings: a variant's entries without a
     # record would lose their fingerprint and be recomputed by every rerun. A candidate's record
     # leaves out the other backbones' sections, not its own backbone's (its overrides are in
-    # evaluate.candidates, which every candidate record covers).
-    backbone_of = {b: b for b in BACKBONES}
-    for spec in config.evaluate.candidates:
-        cand = pool.parse(spec)
-        backbone_of.setdefault(cand.name, cand.backbone)
-    for model in config.evaluate.models:
-        backbone_of.setdefault(model, model)
-    for model, backbone in backbone_of.items():
+    # evaluate.candidates, which every candidate record covers). evaluate.models names pool
+    # candidates only (config_check), so the pool covers it.
+    pool_backbones = {c.name: c.backbone for c in map(pool.parse, config.evaluate.candidates)}
+    for model, backbone in (pool_backbones | {b: b for b in BACKBONES}).items():
         for method in results_lib.CANDIDATE_METHODS:
             inputs = {"store": store_fp, "method": method}
             if method not in ("full_data", "cold_start"):

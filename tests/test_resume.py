@@ -81,17 +81,15 @@ def test_every_pool_candidate_is_fingerprinted_and_kept_by_a_rerun(tiny_run):
     config = load_config("synthetic", "tiny")
     assert {r["model"] for r in res["results"]} >= {"dcn", "dcn_narrow", "wukong"}
     assert all("fingerprint" in r for r in res["results"])
-    records = pipeline._records(config, StageStore(os.path.join(workdir, "data")))
+    store = StageStore(os.path.join(workdir, "data"))
+    records = pipeline._records(config, store)
     n = len(res["results"])
     assert not pipeline._drop_stale_results(res, records) and len(res["results"]) == n
     # A variant's record follows its own backbone's section and ignores the others'.
     narrow = records[("diet", "dcn_narrow")]
     assert "model.dcn.hidden" in narrow["keys"] and "model.wukong.num_layers" not in narrow["keys"]
     config.model.wukong.num_layers += 1
-    assert (
-        pipeline._records(config, StageStore(os.path.join(workdir, "data")))[("diet", "dcn_narrow")]
-        == narrow
-    )
+    assert pipeline._records(config, store)[("diet", "dcn_narrow")] == narrow
 
 
 def test_changed_ratio_rebuilds_phase1_onwards_only(tiny_run, tmp_path, caplog):
