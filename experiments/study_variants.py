@@ -76,10 +76,16 @@ def ranking(workdir: str) -> dict:
         with open(os.path.join(workdir, "results.json")) as f:
             mine = [r for r in json.load(f)["results"] if r["method"] in _METHODS.value]
         res["results"] = [r for r in res["results"] if r["method"] not in _METHODS.value] + mine
-    card = fidelity_check.scorecard(fidelity_check.on_validation_day(res))
+    val = fidelity_check.on_validation_day(res)
+    card = fidelity_check.scorecard(val)
     fid, wins = card["fidelity"], card["per_backbone"]
+    diet_BxS = np.asarray(
+        [[p["auc"] for p in r["per_seed"]] for r in val["results"] if r["method"] == "diet"]
+    )
     return {
         "diet_pool_auc": card["pool"]["diet"]["auc"],
+        # The pool mean of each seed (seed k of every candidate), for differences paired by seed.
+        "diet_pool_auc_per_seed": diet_BxS.mean(axis=0).tolist(),
         "random_pool_auc": card["pool"].get("random", {}).get("auc", float("nan")),
         "diet_kendall": fid["diet"]["kendall"],
         "diet_kendall_ci": fid["diet"].get("kendall_ci"),

@@ -10,9 +10,24 @@ switched-off component falls back to its plain variant: no fusion (memory from t
 only), random hard targets, random active memory (same sizes, same cost). Reported: mean and
 std over seeds per model, and the paired difference to the full method (same seed), averaged
 over models.
+
+On the instrument of issue 12 (the whole candidate pool, every seed, the real protocol: the
+learning-rate grid, best epoch, fine-tune), through the real pipeline:
+
+    python experiments/table4.py --base=<finished default run> --root=/tmp/table4
+
+runs each switched-off variant as a DIET-only rerun of a copy of the base run
+(experiments/study_variants.py; the base run is the full method) and prints, on the
+validation day, DIET's pool-mean AUC (std over seeds), its paired difference to the full
+method (seed by seed), its Kendall tau against Full Data with the bootstrap interval, its seed
+agreement and the base backbones on which it beats Random. `--pool_variants` picks the rows
+(MF, TS, MS as 0/1 digits, e.g. "011,101").
 """
 
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import study_harness as H
@@ -27,6 +42,12 @@ _LR = flags.DEFINE_float("lr", 0.0, "Candidates' learning rate on the rows (0: c
 _MODELS = flags.DEFINE_string("models", "dcn,finalnet,wukong", "Candidate models.")
 _SEEDS = flags.DEFINE_string("seeds", "0,1", "Seeds.")
 _FINETUNE = flags.DEFINE_bool("finetune", True, "Score after the subsequent-block fine-tune.")
+_BASE = flags.DEFINE_string(
+    "base", "", "A finished default run: the ablation over its whole pool (see the docstring)."
+)
+_POOL_VARIANTS = flags.DEFINE_list(
+    "pool_variants", ["011", "101", "110", "000"], "With --base: the (MF, TS, MS) rows to run."
+)
 
 # The rows of the paper's Table 4, in its order: (MF, TS, MS).
 VARIANTS = (
@@ -38,8 +59,80 @@ VARIANTS = (
 )
 
 
+def _variant_name(mf: bool, ts: bool, ms: bool) -> str:
+    return f"t4_mf{int(mf)}_ts{int(ts)}_ms{int(ms)}"
+
+
+def on_pool(base: str, root: str, config_file: str) -> str:
+    """Table 4 over the base run's whole pool on the validation day (markdown)."""
+    rows = []
+    for code in _POOL_VARIANTS.value:
+        if len(code) != 3 or set(code) - {"0", "1"} or code == "111":
+            raise ValueError(f"--pool_variants: {code!r} is not three 0/1 digits other than 111.")
+        rows.append(tuple(c == "1" for c in code))
+    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = [
+        sys.executable,
+        os.path.join(here, "study_variants.py"),
+        f"--base={base}",
+        f"--root={root}",
+        f"--config={config_file}",
+        "--models=all",
+        "--methods=diet",
+    ]
+    for mf, ts, ms in rows:
+        cmd.append(
+            f"--variant={_variant_name(mf, ts, ms)}:distill.memory_fusion={mf};"
+            f"distill.target_selection={ts};distill.memory_selection={ms}"
+        )
+    subprocess.run(cmd, check=True)
+    with open(os.path.join(root, "ranking.json")) as f:
+        ranks = json.load(f)
+    full = np.asarray(ranks["base"]["diet_pool_auc_per_seed"])
+    mark = {True: "✓", False: "✗"}
+    lines = [
+        "| MF | TS | MS | DIET pool-mean AUC (± std over seeds) | paired diff to full "
+        "(± std over seeds) | Kendall tau vs Full Data [95% CI] | seed agreement | "
+        "DIET > Random on bases |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (mf, ts, ms), name in [((True, True, True), "base")] + [
+        (r, _variant_name(*r)) for r in rows
+    ]:
+        r = ranks[name]
+        per_seed = np.asarray(r["diet_pool_auc_per_seed"])
+        diff = per_seed - full
+        ci = r["diet_kendall_ci"]
+        ci = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+        lines.append(
+            f"| {mark[mf]} | {mark[ts]} | {mark[ms]} | {per_seed.mean():.4f} ± "
+            f"{per_seed.std(ddof=1) if per_seed.size > 1 else 0.0:.4f} | {diff.mean():+.4f} ± "
+            f"{diff.std(ddof=1) if diff.size > 1 else 0.0:.4f} | {r['diet_kendall']:.3f}{ci} | "
+            f"{r['diet_seed_kendall']:.2f} | {r['diet_wins']} of {r['bases']} |"
+        )
+    rand = ranks["base"]
+    lines.append(
+        f"| Random | | | {rand['random_pool_auc']:.4f} | | {rand['random_kendall']:.3f} | | |"
+    )
+    return (
+        f"## Table 4 on the pool (validation day, after the fine-tune; base run {base})\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+
+
 def main(_):
     logging.set_verbosity(logging.WARNING)
+    if _BASE.value:
+        text = on_pool(
+            _BASE.value, _ROOT.value, config_flags.get_config_filename(flags.FLAGS["config"])
+        )
+        path = os.path.join(_ROOT.value, "table4_pool.md")
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+        print(text)
+        return
     sh = H.setup(_CONFIG.value, _ROOT.value, _LR.value)
     models, seeds = _MODELS.value.split(","), [int(s) for s in _SEEDS.value.split(",")]
     key = "val_auc_ft" if _FINETUNE.value else "val_auc_rows"
