@@ -13,6 +13,10 @@ but the pool means, so the figures are the run's own.
 `--day=validation`: the same scorecard on the validation day, from every run's final-model
 validation AUC (`per_seed[i]["val_auc"]`; fidelity recomputed from them): the day on which a
 protocol or distillation setting may be chosen. The test day only reports.
+
+`--fill_from=BASE`: for a variant rerun of a copy of run BASE that recomputed some methods only
+(experiments/study_variants.py, table4.py --base): every (method, candidate) entry the workdir
+lacks is BASE's, and the fidelity is recomputed.
 """
 
 import copy
@@ -28,6 +32,9 @@ from diet_jax.io_utils import atomic_write_json
 _WORKDIR = flags.DEFINE_string("workdir", "runs/synthetic", "A finished run's workdir.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the scorecard as JSON here.")
 _DAY = flags.DEFINE_enum("day", "test", ["test", "validation"], "The day the AUCs are from.")
+_FILL_FROM = flags.DEFINE_string(
+    "fill_from", None, "A base run whose entries stand in for the methods the workdir lacks."
+)
 
 SELECTIONS = ("random", "el2n", "kmeans")
 
@@ -169,10 +176,23 @@ def markdown(card: dict) -> str:
     return "\n".join(out)
 
 
+def fill_from(res: dict, base: dict) -> dict:
+    """`res` with the (method, model) entries it lacks taken from `base`, fidelity recomputed."""
+    res = copy.deepcopy(res)
+    own = {(r["method"], r["model"]) for r in res["results"]}
+    res["results"] += [r for r in base["results"] if (r["method"], r["model"]) not in own]
+    rows = [r for r in res["results"] if r["method"] != "reference"]
+    res["fidelity"] = fidelity.fidelity_table(rows, bootstrap=1000)
+    return res
+
+
 def main(_):
     path = os.path.join(_WORKDIR.value, "results.json")
     with open(path) as f:
         res = json.load(f)
+    if _FILL_FROM.value:
+        with open(os.path.join(_FILL_FROM.value, "results.json")) as f:
+            res = fill_from(res, json.load(f))
     if _DAY.value == "validation":
         res = on_validation_day(res)
     card = scorecard(res)
