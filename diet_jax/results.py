@@ -126,6 +126,35 @@ def seed_entry(method: str, model: str, backbone: str, per_seed: list[dict]) -> 
     return e
 
 
+def merge_replicates(runs: list[dict]) -> dict:
+    """One results dict from replicate runs of one config with other `seed`s (each its own
+    teacher, distillation and candidate seeds): every (method, candidate) entry present in all
+    runs, rebuilt by `seed_entry` over the seeds of all runs; the rest of the first run. A seed
+    in two runs is an error (it would count one training twice). `fidelity` is left empty:
+    recompute it over the merged entries (evaluate.fidelity.fidelity_table).
+    """
+    if not runs:
+        raise ValueError("No runs to merge.")
+    keyed = [{(r["method"], r["model"]): r for r in run["results"]} for run in runs]
+    common = [k for k in keyed[0] if all(k in other for other in keyed[1:])]
+    merged = []
+    for key in common:
+        parts = [run[key] for run in keyed]
+        if key[0] == "reference" or any("per_seed" not in p for p in parts):
+            continue
+        per_seed = [p for part in parts for p in part["per_seed"]]
+        seeds = [int(p["seed"]) for p in per_seed]
+        if len(set(seeds)) < len(seeds):
+            raise ValueError(
+                f"{key[0]}/{key[1]}: seeds {seeds} repeat across the runs; replicates need "
+                "different config.seed values."
+            )
+        merged.append(seed_entry(key[0], key[1], parts[0].get("backbone", key[1]), per_seed))
+    out = {k: v for k, v in runs[0].items() if k not in ("results", "fidelity")}
+    out["results"], out["fidelity"] = merged, {}
+    return out
+
+
 def upsert(res: dict, e: dict) -> None:
     res["results"] = [
         r for r in res["results"] if (r["method"], r["model"]) != (e["method"], e["model"])

@@ -14,6 +14,11 @@ but the pool means, so the figures are the run's own.
 validation AUC (`per_seed[i]["val_auc"]`; fidelity recomputed from them): the day on which a
 protocol or distillation setting may be chosen. The test day only reports.
 
+`--replicates=W2[,W3...]`: pools the seeds of replicate runs of the same config with other
+`config.seed` values (each its own teacher, distillation and candidate seeds) with the
+workdir's (`results.merge_replicates`; each run's own `--fill_from` is not applied to them), so
+that every entry has 6 or 9 seeds and the noise ceiling rises.
+
 `--fill_from=BASE`: for a variant rerun of a copy of run BASE that recomputed some methods only
 (experiments/study_variants.py, table4.py --base): every (method, candidate) entry the workdir
 lacks is BASE's, and the fidelity is recomputed.
@@ -26,12 +31,14 @@ import os
 
 from absl import app, flags
 
+from diet_jax import results
 from diet_jax.evaluate import fidelity, report
 from diet_jax.io_utils import atomic_write_json
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/synthetic", "A finished run's workdir.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the scorecard as JSON here.")
 _DAY = flags.DEFINE_enum("day", "test", ["test", "validation"], "The day the AUCs are from.")
+_REPLICATES = flags.DEFINE_list("replicates", [], "Replicate runs whose seeds are pooled.")
 _FILL_FROM = flags.DEFINE_string(
     "fill_from", None, "A base run whose entries stand in for the methods the workdir lacks."
 )
@@ -193,6 +200,14 @@ def main(_):
     if _FILL_FROM.value:
         with open(os.path.join(_FILL_FROM.value, "results.json")) as f:
             res = fill_from(res, json.load(f))
+    if _REPLICATES.value:
+        others = []
+        for w in _REPLICATES.value:
+            with open(os.path.join(w, "results.json")) as f:
+                others.append(json.load(f))
+        res = results.merge_replicates([res, *others])
+        rows = [r for r in res["results"] if r["method"] != "reference"]
+        res["fidelity"] = fidelity.fidelity_table(rows, bootstrap=1000)
     if _DAY.value == "validation":
         res = on_validation_day(res)
     card = scorecard(res)

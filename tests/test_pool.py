@@ -110,6 +110,33 @@ def test_seed_entry_means_and_sample_std_by_hand():
     assert fidelity.seed_stats([1.0, 2.0, 4.0]) == pytest.approx((7 / 3, np.std([1, 2, 4], ddof=1)))
 
 
+def test_merge_replicates_pools_seeds_by_hand_and_rejects_a_repeated_seed():
+    def run(seeds, aucs, extra=()):
+        rows = [
+            results_lib.seed_entry(
+                m, "dcn", "dcn", [_seed(s, a, 0.4, 1.0) for s, a in zip(seeds, aucs, strict=True)]
+            )
+            for m in ("full_data", "diet")
+        ]
+        rows += [
+            results_lib.seed_entry(m, "dcn", "dcn", [_seed(seeds[0], 0.5, 0.4, 1.0)]) for m in extra
+        ]
+        return {"dataset": "x", "results": rows, "fidelity": {"diet": {"kendall": 1.0}}}
+
+    merged = results_lib.merge_replicates(
+        [run([0, 1], [0.70, 0.72], ("random",)), run([10], [0.77])]
+    )
+    assert merged["fidelity"] == {} and merged["dataset"] == "x"
+    # random/dcn is in the first run only: left out
+    assert sorted(r["method"] for r in merged["results"]) == ["diet", "full_data"]
+    e = merged["results"][0]
+    assert e["seeds"] == [0, 1, 10] and e["auc"] == pytest.approx(0.73)
+    # sample std of 0.70, 0.72, 0.77: mean 0.73, squares .0009 + .0001 + .0016 = .0026 / 2
+    assert e["auc_std"] == pytest.approx(np.sqrt(0.0013))
+    with pytest.raises(ValueError, match="repeat"):
+        results_lib.merge_replicates([run([0, 1], [0.7, 0.7]), run([1], [0.7])])
+
+
 def test_bootstrap_interval_from_given_resamples_by_hand():
     # 3 candidates x 2 seeds.
     method = np.array([[0.60, 0.62], [0.70, 0.72], [0.66, 0.64]])
