@@ -184,12 +184,11 @@ def markdown(card: dict) -> str:
 
 
 def fill_from(res: dict, base: dict) -> dict:
-    """`res` with the (method, model) entries it lacks taken from `base`, fidelity recomputed."""
+    """`res` with the (method, model) entries it lacks taken from `base` (its fidelity is then
+    stale: main recomputes it once, after every merge)."""
     res = copy.deepcopy(res)
     own = {(r["method"], r["model"]) for r in res["results"]}
     res["results"] += [r for r in base["results"] if (r["method"], r["model"]) not in own]
-    rows = [r for r in res["results"] if r["method"] != "reference"]
-    res["fidelity"] = fidelity.fidelity_table(rows, bootstrap=1000)
     return res
 
 
@@ -206,10 +205,11 @@ def main(_):
             with open(os.path.join(w, "results.json")) as f:
                 others.append(json.load(f))
         res = results.merge_replicates([res, *others])
+    if _DAY.value == "validation":
+        res = on_validation_day(res)  # recomputes the fidelity from the validation AUCs
+    elif _FILL_FROM.value or _REPLICATES.value:
         rows = [r for r in res["results"] if r["method"] != "reference"]
         res["fidelity"] = fidelity.fidelity_table(rows, bootstrap=1000)
-    if _DAY.value == "validation":
-        res = on_validation_day(res)
     card = scorecard(res)
     card["day"] = _DAY.value
     print(markdown(card))

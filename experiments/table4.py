@@ -34,6 +34,9 @@ import study_harness as H
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from diet_jax.evaluate import fidelity
+from diet_jax.io_utils import atomic_write_text
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/synthetic.py", "Config file.", lock_config=True
 )
@@ -101,13 +104,13 @@ def on_pool(base: str, root: str, config_file: str) -> str:
     ]:
         r = ranks[name]
         per_seed = np.asarray(r["diet_pool_auc_per_seed"])
-        diff = per_seed - full
+        auc, auc_std = fidelity.seed_stats(per_seed)
+        diff, diff_std = fidelity.seed_stats(per_seed - full)
         ci = r["diet_kendall_ci"]
         ci = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
         lines.append(
-            f"| {mark[mf]} | {mark[ts]} | {mark[ms]} | {per_seed.mean():.4f} ± "
-            f"{per_seed.std(ddof=1) if per_seed.size > 1 else 0.0:.4f} | {diff.mean():+.4f} ± "
-            f"{diff.std(ddof=1) if diff.size > 1 else 0.0:.4f} | {r['diet_kendall']:.3f}{ci} | "
+            f"| {mark[mf]} | {mark[ts]} | {mark[ms]} | {auc:.4f} ± {auc_std:.4f} | "
+            f"{diff:+.4f} ± {diff_std:.4f} | {r['diet_kendall']:.3f}{ci} | "
             f"{r['diet_seed_kendall']:.2f} | {r['diet_wins']} of {r['bases']} |"
         )
     rand = ranks["base"]
@@ -127,10 +130,7 @@ def main(_):
         text = on_pool(
             _BASE.value, _ROOT.value, config_flags.get_config_filename(flags.FLAGS["config"])
         )
-        path = os.path.join(_ROOT.value, "table4_pool.md")
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        atomic_write_text(os.path.join(_ROOT.value, "table4_pool.md"), text)
         print(text)
         return
     sh = H.setup(_CONFIG.value, _ROOT.value, _LR.value)
@@ -178,10 +178,9 @@ def main(_):
         f"## Table 4 (validation AUC, {'after the fine-tune' if _FINETUNE.value else 'rows only'}"
         f"; seeds {seeds}; load {os.getloadavg()[0]:.1f}, shared CPU)\n\n" + "\n".join(lines) + "\n"
     )
-    path = os.path.join(sh.root, "table4_ft.md" if _FINETUNE.value else "table4.md")
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    atomic_write_text(
+        os.path.join(sh.root, "table4_ft.md" if _FINETUNE.value else "table4.md"), text
+    )
     print(text)
 
 
