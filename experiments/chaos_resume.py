@@ -8,11 +8,15 @@ moments in every phase, resume each time, and compare the end with an uninterrup
 1. The reference: an uninterrupted run (or `--reference`, a finished workdir of the same
    config), timed phase by phase from its "phase: <name>" log lines.
 2. N kills, spread over the phases (data, teacher, distill, candidates) in proportion to their
-   reference durations, at least one per phase when N >= 4. The kills of a phase target random
-   points of its reference duration; since an attempt resumes a phase about where the last
-   kill left it, kill i waits for its phase's log line in the current attempt, then the gap
-   from the previous target, then SIGKILLs the process. The next attempt resumes in the same
-   workdir.
+   reference durations, at least one per phase when N >= 4. A phase made of units that log a
+   line when done (teacher and distillation stages, candidates) is killed after a random unit,
+   never one of its last two, plus a short random delay: kill i waits for its phase's log line
+   in the current attempt, then for as many newly finished units as separate its target from
+   the previous kill's (an attempt resumes where the last kill left it), then SIGKILLs the
+   process. Anchoring on units, not on seconds, lands the kill inside its phase however much
+   faster a resumed attempt runs than the reference did (a compilation cache filled since, a
+   lighter load); a phase without units (data) targets random points of its reference
+   duration. The next attempt resumes in the same workdir.
 3. A last attempt runs to the end. Its results.json (method, model, AUC, LogLoss; timings are
    not compared) and the distilled memory D_syn^T (SHA-256 of its arrays) are compared with the
    reference's, exactly.
@@ -34,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHASES = ("data", "teacher", "distill", "candidates")
@@ -48,6 +53,7 @@ class Attempt:
             cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
         self.marks: dict[str, float] = {}  # phase -> time its log line was seen
+        self.done: dict[str, int] = {}  # phase -> units finished in this attempt (UNIT_LINE)
         self.cond = threading.Condition()
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -60,6 +66,11 @@ class Attempt:
                 with self.cond:
                     self.marks[line.rsplit("phase: ", 1)[1].strip()] = time.monotonic()
                     self.cond.notify_all()
+            for phase, mark in UNIT_LINE.items():
+                if mark in line:
+                    with self.cond:
+                        self.done[phase] = self.done.get(phase, 0) + 1
+                        self.cond.notify_all()
         with self.cond:
             self.cond.notify_all()
 
@@ -69,6 +80,13 @@ class Attempt:
             while phase not in self.marks and self.proc.poll() is None:
                 self.cond.wait(0.05)
             return self.marks.get(phase)
+
+    def wait_units(self, phase: str, n: int) -> bool:
+        """Wait until `n` units of `phase` finished in this attempt; False if it ended first."""
+        with self.cond:
+            while self.done.get(phase, 0) < n and self.proc.poll() is None:
+                self.cond.wait(0.05)
+            return self.done.get(phase, 0) >= n
 
     def current_phase(self) -> str | None:
         with self.cond:
@@ -106,8 +124,35 @@ def durations_from_results(workdir: str) -> dict[str, float]:
     return {"data": data, "teacher": teacher, "distill": distill, "candidates": max(rest, 1.0)}
 
 
-def plan(n: int, durations: dict[str, float], rng: random.Random) -> list[tuple[str, float]]:
-    """(phase, delay after its log line) per kill, in phase order."""
+# The log line a phase's unit of work writes when it is done (restored units write another).
+UNIT_LINE = {
+    "teacher": " samples/s, val AUC ",  # reference.py: "teacher stage_t: ... samples/s, val AUC"
+    "distill": " rows, phase 1 ",  # driver.py: "distill stage_t: N rows, phase 1 ..."
+    "candidates": " seeds (",  # methods.py: "<method> / <model>: test AUC ... over N seeds (...)"
+}
+
+
+def units_from_results(workdir: str) -> dict[str, int]:
+    """Units of work per phase of a finished run: historical stages, candidates."""
+    res = json.load(open(os.path.join(workdir, "results.json")))
+    stages = sum(s.get("role") == "historical" for s in res.get("stages", []))
+    return {
+        "teacher": stages,
+        "distill": len(res.get("timings", {}).get("distill_stages", {})),
+        "candidates": len(res.get("results", [])),
+    }
+
+
+class Kill(NamedTuple):
+    phase: str
+    units: int  # finished units of the phase to wait for in this attempt (after its log line)
+    delay: float  # seconds after that
+
+
+def plan(
+    n: int, durations: dict[str, float], units: dict[str, int], rng: random.Random
+) -> list[Kill]:
+    """The kills, in phase order."""
     phases = [p for p in PHASES if durations.get(p, 0) > 0]
     if n < len(phases):  # too few kills for every phase: the longest ones
         phases = sorted(sorted(phases, key=lambda p: -durations[p])[:n], key=PHASES.index)
@@ -118,12 +163,21 @@ def plan(n: int, durations: dict[str, float], rng: random.Random) -> list[tuple[
         counts[p] += 1
     out = []
     for p in phases:
-        # Targets spread over the phase's work; an attempt resumes the phase about where the
-        # last kill left it (finished stages and candidates are kept), so each kill waits for
-        # the gap to the previous target, not the whole offset.
-        targets = sorted(rng.uniform(0.02, 0.9) * durations[p] for _ in range(counts[p]))
-        gaps = [t - s for s, t in zip([0.0, *targets], targets, strict=False)]
-        out += [(p, max(g, 0.2)) for g in gaps]
+        u = units.get(p, 0)
+        if u >= 2:
+            # After unit k (0 = at the phase's log line), k <= u - 2: at least two units are
+            # left, so a short delay cannot outlast the attempt. Each kill waits for the units
+            # between its target and the previous one (kept units are not redone).
+            targets = sorted(rng.randint(0, u - 2) for _ in range(counts[p]))
+            jitter = min(0.5, 0.5 * durations[p] / u)
+            gaps = [t - s for s, t in zip([0, *targets], targets, strict=False)]
+            out += [Kill(p, g, rng.uniform(0.0, jitter)) for g in gaps]
+        else:
+            # Targets spread over the phase's reference seconds; each kill waits for the gap
+            # to the previous target, not the whole offset.
+            targets = sorted(rng.uniform(0.02, 0.9) * durations[p] for _ in range(counts[p]))
+            gaps = [t - s for s, t in zip([0.0, *targets], targets, strict=False)]
+            out += [Kill(p, 0, max(g, 0.2)) for g in gaps]
     return out
 
 
@@ -180,23 +234,29 @@ def main() -> int:
     chaos = os.path.join(args.workdir, "chaos")
     shutil.rmtree(chaos, ignore_errors=True)
     cmd = base + [f"--workdir={chaos}"]
-    kills = plan(args.kills, durations, rng)
+    units = units_from_results(ref_dir)
+    kills = plan(args.kills, durations, units, rng)
     landed: dict[str, int] = {}
     outcomes = []  # per attempt: "killed", "finished" or "failed"
-    for i, (phase, delay) in enumerate(kills):
+    for i, kill in enumerate(kills):
         log = os.path.join(args.workdir, f"attempt_{i:02d}.log")
         a = Attempt(cmd, log, env)
-        t = a.wait_for(phase)
+        t = a.wait_for(kill.phase)
+        if t is not None and kill.units:
+            a.wait_units(kill.phase, kill.units)
+            t = time.monotonic()
         if t is not None:
-            time.sleep(max(0.0, t + delay - time.monotonic()))
+            time.sleep(max(0.0, t + kill.delay - time.monotonic()))
         if a.proc.poll() is None:
             where = a.current_phase()
             a.proc.send_signal(signal.SIGKILL)
             a.finish()
             landed[where] = landed.get(where, 0) + 1
             outcomes.append("killed")
+            after = f"{kill.units} more units and " if kill.units else ""
             print(
-                f"kill {i + 1}: in phase {where}, {delay:.1f}s after its start (planned: {phase})"
+                f"kill {i + 1}: in phase {where}, {after}{kill.delay:.1f}s after its start"
+                f" (planned: {kill.phase})"
             )
         else:
             rc = a.finish()

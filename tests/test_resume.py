@@ -345,3 +345,38 @@ def test_chaos_resume_survives_kills(tiny_run, tmp_path):
         text=True,
     )
     assert "kills survived: 3/3, mismatches: 0" in out.stdout, out.stdout + out.stderr[-3000:]
+
+
+def test_chaos_kills_land_on_units_that_leave_two_undone():
+    """The kill plan anchors each kill of a phase with units on a finished unit that leaves at
+    least two of the phase's units to do, whatever the seed (so a short delay cannot outlast an
+    attempt that runs faster than the reference); a phase without units waits for seconds."""
+    import importlib.util
+    import random
+
+    spec = importlib.util.spec_from_file_location(
+        "chaos_resume", os.path.join(ROOT, "experiments", "chaos_resume.py")
+    )
+    chaos = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chaos)
+    durations = {"data": 5.0, "teacher": 10.0, "distill": 30.0, "candidates": 170.0}
+    units = {"teacher": 3, "distill": 3, "candidates": 22}
+    for seed in range(50):
+        kills = chaos.plan(10, durations, units, random.Random(seed))
+        assert len(kills) == 10
+        assert [k.phase for k in kills] == sorted((k.phase for k in kills), key=chaos.PHASES.index)
+        for phase in ("teacher", "distill", "candidates"):
+            mine = [k for k in kills if k.phase == phase]
+            assert mine, phase  # at least one kill per phase when N >= 4
+            assert sum(k.units for k in mine) <= units[phase] - 2  # the last target
+            assert all(0 <= k.units and 0 <= k.delay <= 0.5 for k in mine)
+        data = [k for k in kills if k.phase == "data"]
+        assert data and all(k.units == 0 and 0.2 <= k.delay <= 0.9 * 5.0 for k in data)
+    # With three kills, the three longest phases; their first kills differ across seeds.
+    firsts = {chaos.plan(3, durations, units, random.Random(s))[2].units for s in range(20)}
+    assert [k.phase for k in chaos.plan(3, durations, units, random.Random(0))] == [
+        "teacher",
+        "distill",
+        "candidates",
+    ]
+    assert len(firsts) > 3
