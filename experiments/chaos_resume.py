@@ -253,9 +253,9 @@ def main() -> int:
             a.finish()
             landed[where] = landed.get(where, 0) + 1
             outcomes.append("killed")
-            after = f"{kill.units} more units and " if kill.units else ""
+            after = f"{kill.units} more finished units" if kill.units else "its start"
             print(
-                f"kill {i + 1}: in phase {where}, {after}{kill.delay:.1f}s after its start"
+                f"kill {i + 1}: in phase {where}, {kill.delay:.1f}s after {after}"
                 f" (planned: {kill.phase})"
             )
         else:

@@ -14,6 +14,8 @@ import os
 import numpy as np
 from absl import app, flags
 
+from diet_jax.evaluate import fidelity
+
 _BASE = flags.DEFINE_string("base", None, "the base run's workdir", required=True)
 _VARIANT = flags.DEFINE_string("variant", None, "the variant rerun's workdir", required=True)
 _MODELS = flags.DEFINE_list("models", [], "candidates to compare (default: every one both hold)")
@@ -30,7 +32,9 @@ def per_seed(res: dict, method: str, model: str, day: str) -> np.ndarray | None:
 
 
 def mean_se(x: np.ndarray) -> str:
-    return f"{x.mean():+.4f} ± {x.std(ddof=1) / np.sqrt(len(x)):.4f}"
+    """Mean ± standard error over seeds."""
+    mean, std = fidelity.seed_stats(x)
+    return f"{mean:+.4f} ± {std / np.sqrt(len(x)):.4f}"
 
 
 def main(_):

@@ -33,7 +33,6 @@ def row_stats(e_NxFxD: np.ndarray, logits_NxK: np.ndarray) -> dict:
     return {
         "rows": e_NxFxD.shape[0],
         "norm_F": norm_NxF.mean(0),
-        "norm_std_F": norm_NxF.std(0),
         "pair_mean": float(pair.mean()),
         "pair_std": float(pair.std()),
         "label_K": (1.0 / (1.0 + np.exp(-logits_NxK))).mean(0),

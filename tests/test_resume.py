@@ -372,7 +372,7 @@ def test_chaos_kills_land_on_units_that_leave_two_undone():
             assert all(0 <= k.units and 0 <= k.delay <= 0.5 for k in mine)
         data = [k for k in kills if k.phase == "data"]
         assert data and all(k.units == 0 and 0.2 <= k.delay <= 0.9 * 5.0 for k in data)
-    # With three kills, the three longest phases; their first kills differ across seeds.
+    # With three kills, the three longest phases; the candidates kill's unit varies by seed.
     firsts = {chaos.plan(3, durations, units, random.Random(s))[2].units for s in range(20)}
     assert [k.phase for k in chaos.plan(3, durations, units, random.Random(0))] == [
         "teacher",
