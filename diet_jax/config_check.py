@@ -68,11 +68,14 @@ def non_negative(config, *paths: str) -> None:
             raise ConfigError(f"config.{p} must be non-negative, got {v}.")
 
 
-def in_range(config, path: str, lo: float, hi: float, *, lo_open: bool = False) -> None:
+def in_range(
+    config, path: str, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+) -> None:
     v = _value(config, path)
-    if not ((lo < v) if lo_open else (lo <= v)) or not v <= hi:
+    if not ((lo < v) if lo_open else (lo <= v)) or not ((v < hi) if hi_open else (v <= hi)):
         raise ConfigError(
-            f"config.{path} must lie in {'(' if lo_open else '['}{lo}, {hi}], got {v}."
+            f"config.{path} must lie in {'(' if lo_open else '['}{lo}, {hi}"
+            f"{')' if hi_open else ']'}, got {v}."
         )
 
 
@@ -177,6 +180,7 @@ def check_distill(c) -> None:
         "distill.checkpoint_every",
     )
     positive(c, "distill.chunk_size")
+    in_range(c, "distill.label_mix", 0, 1, hi_open=True)
 
 
 def check_evaluate(c) -> None:
@@ -193,6 +197,7 @@ def check_evaluate(c) -> None:
         "evaluate.kmeans_max_rows",
     )
     in_range(c, "evaluate.el2n_percentile", 0, 1)
+    in_range(c, "evaluate.selection_label_mix", 0, 1, hi_open=True)
     pool.check(c)  # the candidate pool: backbones, override keys, seeds, LR grid
 
 

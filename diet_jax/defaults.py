@@ -124,6 +124,9 @@ def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
     c.distill.meta_lr_embed = 3e-3
     c.distill.meta_lr_labels = 1e-2
     c.distill.learn_labels = True  # soft labels are optimized with the embeddings
+    # New rows' soft labels pulled toward their hard labels: logit((1-m) sigmoid(y~) + m y);
+    # 0 = the teacher's logits (eq. 8). Selection baselines: evaluate.selection_label_mix.
+    c.distill.label_mix = 0.0
     c.distill.max_grad_norm = 1.0  # meta-gradient clipping (global norm; 0 = off)
     # Targets per real minibatch: the whole batch (1.0) beat the paper's 0.1 of smallest
     # deficiency (0.7952 vs 0.7906, group "refine"); target_selection is then moot.
@@ -157,6 +160,9 @@ def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
     # Candidate evaluation protocol, baselines, fidelity and report.
     c.evaluate = ml_collections.ConfigDict()
     c.evaluate.methods = CANDIDATE_METHODS  # all seven
+    # The selection baselines' soft labels pulled toward the rows' hard labels, as
+    # distill.label_mix does for DIET's (a control; 0 = the teacher's logits, the paper's).
+    c.evaluate.selection_label_mix = 0.0
     # The candidate pool (evaluate/pool.py): "name:backbone[:key=value...]", overrides of
     # model.<backbone>. A candidate named like its backbone with no override is its base setting
     # (the paper's Table 3 view).

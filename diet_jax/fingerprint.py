@@ -36,6 +36,7 @@ KEYS: dict[str, tuple[str, ...]] = {
         "distill.memory_fusion",
         "distill.retention",  # how many earlier rows the stage's memory keeps
         "distill.reanchor",  # carried rows moved into phi_t's space
+        "distill.label_mix",  # new rows' soft labels pulled toward their hard labels
         "distill.chunk_size",
         "train.eval_batch_size",
     ),
@@ -67,6 +68,14 @@ EXCLUDE: tuple[str, ...] = (
     "evaluate.models",
     "parallel",  # how the work is laid out over devices
 )
+
+
+# Keys added after artifacts existed, at the value that reproduces what those artifacts hold:
+# left out of the hash at that value, so that upgrading the code does not invalidate a run.
+NEUTRAL: dict[str, Any] = {
+    "distill.label_mix": 0.0,
+    "evaluate.selection_label_mix": 0.0,
+}
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -132,7 +141,11 @@ def fingerprint(
     """
     if isinstance(keys, str):
         keys = KEYS[keys]
-    chosen = select(config, keys, EXCLUDE + tuple(exclude))
+    chosen = {
+        k: v
+        for k, v in select(config, keys, EXCLUDE + tuple(exclude)).items()
+        if not (k in NEUTRAL and v == NEUTRAL[k])
+    }
     record = {"keys": chosen, "inputs": dict(sorted((inputs or {}).items()))}
     text = json.dumps(record, sort_keys=True, default=str)
     return {"fingerprint": hashlib.sha256(text.encode()).hexdigest()[:20], **record}

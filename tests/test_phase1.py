@@ -98,6 +98,20 @@ def test_retain_top_by_hand():
     assert phase1.retain_top(alpha, 9).tolist() == [0, 1, 2, 3, 4]
 
 
+def test_mix_labels_by_hand():
+    logits = np.array([[0.0, np.log(3.0)], [-np.log(9.0), 2.0]], np.float32)  # p .5 .75 .1
+    y = np.array([[1, 0], [1, 1]], np.float32)
+    np.testing.assert_array_equal(phase1.mix_labels(logits, y, 0.0), logits)
+    # (1 - 0.5) p + 0.5 y: 0.75, 0.375, 0.55; logits log(3), log(0.6), log(11/9)
+    mixed = phase1.mix_labels(logits, y, 0.5)
+    np.testing.assert_allclose(mixed[0], [np.log(3.0), np.log(0.6)], rtol=1e-6)
+    np.testing.assert_allclose(mixed[1, 0], np.log(11 / 9), rtol=1e-5)
+    assert mixed[1, 1] > logits[1, 1]  # a positive's label only moves up
+    assert np.isfinite(phase1.mix_labels(np.float32([[60.0]]), np.float32([[1.0]]), 0.9)).all()
+    with pytest.raises(ValueError, match="label mix"):
+        phase1.mix_labels(logits, y, 1.0)
+
+
 def test_budget():
     assert phase1.budget(6000, 0.05) == 300
     assert phase1.budget(10, 0.01) == 1
@@ -135,6 +149,15 @@ def test_score_and_convert_match_direct_computation(tiny_store, teacher):
     np.testing.assert_allclose(mem.logits_NxK, direct[idx], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(mem.e_NxFxD, model.embed(ts.params["embed"], jnp.asarray(x[idx])))
     assert mem.origin_N.tolist() == [2] * 5 and mem.row_N.tolist() == idx.tolist()
+    mixed = phase1.to_memory(
+        model, ts.params, ts.model_state, x[idx], origin=2, y_NxK=y[idx], label_mix=0.3
+    )
+    np.testing.assert_allclose(
+        mixed.logits_NxK, phase1.mix_labels(direct[idx], y[idx], 0.3), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_array_equal(mixed.e_NxFxD, mem.e_NxFxD)
+    with pytest.raises(ValueError, match="hard labels"):
+        phase1.to_memory(model, ts.params, ts.model_state, x[idx], origin=2, label_mix=0.3)
 
 
 def test_boundary_memory_and_fusion(tiny_store, teacher, tmp_path):

@@ -45,6 +45,16 @@ def test_fingerprint_covers_sections_by_prefix_and_skips_excluded_keys(tiny_conf
     cfg.ratio = 0.1
     after = fp_lib.fingerprint(cfg, "phase1", {"teacher": "b"})
     assert fp_lib.changes(before, after) == ["ratio: 0.05 -> 0.1", "input teacher"]
+    # A key added later, at its neutral value, leaves the record as it was before the key
+    # existed (an upgrade keeps old artifacts); any other value is a change.
+    phase1 = fp_lib.fingerprint(cfg, "phase1")
+    with cfg.unlocked():
+        del cfg.distill["label_mix"]
+    assert fp_lib.fingerprint(cfg, "phase1") == phase1
+    cfg.distill.label_mix = 0.25
+    assert fp_lib.changes(phase1, fp_lib.fingerprint(cfg, "phase1")) == [
+        "distill.label_mix: '<unset>' -> 0.25"
+    ]
     cfg.evaluate.learning_rate = 1.0  # evaluation keys: no effect on the teacher or the memory
     assert (
         fp_lib.fingerprint(cfg, "teacher")["fingerprint"]

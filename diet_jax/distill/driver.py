@@ -455,6 +455,7 @@ def distill(
                 if t > 1 and dc.reanchor == "offsets"
                 else None,
                 rows_of=lambda o, r: store.stage(ref.stage_names[o - 1]).x_NxF[r],
+                label_mix=dc.label_mix,
             )
             _save_memory(init_path, memory0, init_record)
             info.update(p1)

@@ -404,6 +404,23 @@ def embed_rows(model: RecModel, params, model_state, x_NxF, batch_size: int = 40
     return e_out, lg_out
 
 
+def mix_labels(logits_NxK, y_NxK, mix: float) -> np.ndarray:
+    """Soft labels pulled toward the rows' hard labels: logit((1 - mix) sigmoid(y~) + mix y).
+
+    mix = 0 returns the teacher's logits unchanged (the paper's eq. 8); mix -> 1 gives the
+    hard labels. Why: a weak teacher's predictions carry little of what separates positives
+    from negatives (docs/distillation.md, "Hard labels in the soft ones").
+    """
+    logits = np.asarray(logits_NxK, np.float32)
+    if not 0 <= mix < 1:
+        raise ValueError(f"The label mix must lie in [0, 1), got {mix}.")
+    if mix == 0:
+        return logits
+    p = (1 - mix) / (1 + np.exp(-logits.astype(np.float64))) + mix * np.asarray(y_NxK)
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p)).astype(np.float32)
+
+
 def to_memory(
     model: RecModel,
     params,
@@ -413,12 +430,19 @@ def to_memory(
     origin: int,
     rows_N=None,
     batch_size: int = 4096,
+    y_NxK=None,
+    label_mix: float = 0.0,
 ) -> Memory:
     """Rows -> (e = Embed_phi(x), y~ = f_phi(e) logits): the embedding-soft-label form (eq. 8).
 
     `params`/`model_state` are the stage teacher's; rows are processed in padded batches.
+    `label_mix` > 0 pulls the soft labels toward the rows' hard labels `y_NxK` (`mix_labels`).
     """
     e, logits = embed_rows(model, params, model_state, x_NxF, batch_size)
+    if label_mix:
+        if y_NxK is None:
+            raise ValueError("A label mix needs the rows' hard labels (y_NxK).")
+        logits = mix_labels(logits, y_NxK, label_mix)
     return memory_lib.new(e, logits, origin, rows_N=rows_N)
 
 
@@ -525,10 +549,13 @@ def boundary_memory(
     reanchor_mode: str = "off",
     previous_teacher=None,
     rows_of=None,
+    label_mix: float = 0.0,
 ) -> tuple[Memory, dict]:
     """D_syn^t before refinement. `teacher` is phi_t (a TrainState: .params, .model_state).
     `retain`: rows kept from `previous` (default n_t, the paper's rule). `reanchor_mode`,
     `previous_teacher` (phi_{t-1}) and `rows_of`: see `reanchor` (applied to `previous` first).
+    `label_mix`: the new rows' soft labels pulled toward their hard labels (`mix_labels`);
+    carried rows keep theirs (re-anchoring by "offsets" keeps the mix as part of the offset).
 
     Returns the memory (new rows first, then retained rows) and a dict of counts for logging.
     """
@@ -548,7 +575,15 @@ def boundary_memory(
     )
     y = np.asarray(stage.y_NxK[idx])
     new = to_memory(
-        model, params, model_state, stage.x_NxF[idx], origin=t, rows_N=idx, batch_size=batch_size
+        model,
+        params,
+        model_state,
+        stage.x_NxF[idx],
+        origin=t,
+        rows_N=idx,
+        batch_size=batch_size,
+        y_NxK=y,
+        label_mix=label_mix,
     )
     groups = int(group_sizes_chunked(stage.y_NxK)[0].size)
     info = {"n_t": n_t, "selected": int(idx.size), "groups": groups}

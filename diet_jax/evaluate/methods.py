@@ -83,7 +83,14 @@ def selection_memory(method: str, config, store: StageStore, ref: ReferenceRun) 
                 seed=seed,
                 max_rows=ev.kmeans_max_rows,
             )
-        parts.append(convert(stage.x_NxF[idx], rows_N=idx))
+        parts.append(
+            convert(
+                stage.x_NxF[idx],
+                rows_N=idx,
+                y_NxK=np.asarray(stage.y_NxK[idx]),
+                label_mix=ev.selection_label_mix,
+            )
+        )
     return memory_lib.concat(*parts)
 
 
