@@ -186,6 +186,10 @@ def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
     # (docs/evaluation.md, "The fine-tune"): fresh moments make the first steps lr x sign(g) on
     # every weight, which cost the reduced methods 0.007-0.013 validation AUC at 1e-2.
     c.evaluate.finetune_lr = "train"
+    # The rows' learning rate is chosen by the validation AUC of the best rows epoch ("rows"),
+    # or of each rate's model after the fine-tune ("final": the model the protocol reports, as
+    # for evaluate.reference_lr_grid; len(lr_grid) fine-tunes on the first seed instead of one).
+    c.evaluate.lr_select = "rows"
     c.evaluate.finetune_adam = "rows"
     c.evaluate.max_epochs = 3 if tiny else 8  # epochs on the reduced rows; best by validation AUC
     # Methods that inherit the teacher's table (Warmup Start, the reduced ones) continue its

@@ -75,6 +75,7 @@ EXCLUDE: tuple[str, ...] = (
 NEUTRAL: dict[str, Any] = {
     "distill.label_mix": 0.0,
     "evaluate.selection_label_mix": 0.0,
+    "evaluate.lr_select": "rows",
 }
 
 

@@ -3,7 +3,8 @@
     python experiments/paired_diff.py --base=W --variant=W2 --models=dcn,dcnv2,finalnet,finalmlp,wukong
 
 For each model that both runs hold: the base's `--method` (default diet), the variant's, and the
-base's `--against` (default random), mean over seeds; then over the models the variant holds,
+`--against` (default random; the base's, or with `--against_from=variant` the variant's), mean
+over seeds; then over the models the variant holds,
 variant - base and variant - against on the pool mean, paired by seed (± standard error). Both the
 validation day (`val_auc`, where a setting may be chosen) and the test day are printed.
 """
@@ -21,13 +22,26 @@ _VARIANT = flags.DEFINE_string("variant", None, "the variant rerun's workdir", r
 _MODELS = flags.DEFINE_list("models", [], "candidates to compare (default: every one both hold)")
 _METHOD = flags.DEFINE_string("method", "diet", "the method the variant reran")
 _AGAINST = flags.DEFINE_string("against", "random", "the base method to compare with")
+_AGAINST_FROM = flags.DEFINE_enum(
+    "against_from",
+    "base",
+    ["base", "variant"],
+    "the run whose --against entry is used: 'variant' when the variant reran it too (a control)",
+)
 
 
 def per_seed(res: dict, method: str, model: str, day: str) -> np.ndarray | None:
     """The entry's per-seed AUCs on `day`, in seed order; None if the run lacks it."""
     for e in res["results"]:
         if e["method"] == method and e["model"] == model and "per_seed" in e:
-            return np.array([p[day] for p in sorted(e["per_seed"], key=lambda p: p["seed"])])
+            seeds = sorted(e["per_seed"], key=lambda p: p["seed"])
+            if any(day not in p for p in seeds):
+                raise SystemExit(
+                    f"{method}/{model} has no per-seed {day!r} in {res['_path']}: a results.json "
+                    "written before the per-seed validation AUC was recorded; rerun that entry "
+                    "(--config.evaluate.rerun=True)."
+                )
+            return np.array([p[day] for p in seeds])
     return None
 
 
@@ -38,8 +52,13 @@ def mean_se(x: np.ndarray) -> str:
 
 
 def main(_):
-    load = lambda w: json.load(open(os.path.join(w, "results.json")))
+    def load(workdir):
+        path = os.path.join(workdir, "results.json")
+        with open(path) as f:
+            return {**json.load(f), "_path": path}
+
     base, var = load(_BASE.value), load(_VARIANT.value)
+    against = var if _AGAINST_FROM.value == "variant" else base
     models = _MODELS.value or sorted({e["model"] for e in var["results"]})
     m, a = _METHOD.value, _AGAINST.value
     for day in ("val_auc", "auc"):
@@ -49,7 +68,7 @@ def main(_):
             b, v, r = (
                 per_seed(base, m, model, day),
                 per_seed(var, m, model, day),
-                per_seed(base, a, model, day),
+                per_seed(against, a, model, day),
             )
             if b is None or v is None or r is None:
                 continue

@@ -395,6 +395,41 @@ def test_reference_lr_grid_picks_the_best_validation_rate(tiny_reference, monkey
     assert grid_runs[0][2] != grid_runs[1][2]
 
 
+def test_lr_select_final_picks_the_best_fine_tuned_rate(tiny_reference, monkeypatch):
+    """evaluate.lr_select = "final": every rate of the grid is fine-tuned on the first seed, the
+    rate whose final model has the best validation AUC is chosen, that fine-tune is the first
+    seed's result, and the other seeds train and fine-tune once at the chosen rate."""
+    from diet_jax.evaluate import methods, protocol
+    from diet_jax.models import build_model
+
+    config, store, ref = tiny_reference
+    config = config.copy_and_resolve_references()
+    config.evaluate.lr_grid = (1e-4, 3e-2)
+    config.evaluate.lr_select = "final"
+    model = build_model(config.model, store.feature_map, name="dcn")
+    rows = methods.selection_memory("random", config, store, ref).trainable()
+    calls = []
+    real = protocol.finetune_and_test
+
+    def spy(model, params, state, store, config, seed, *args, timings, **kw):
+        r = real(model, params, state, store, config, seed, *args, timings=timings, **kw)
+        calls.append((seed, timings["validation"]["auc"], r[0]["auc"]))
+        return r
+
+    monkeypatch.setattr(protocol, "finetune_and_test", spy)
+    outs = protocol.run_seeds(
+        "random", model, store, config, ref.final.params["embed"], {0: rows, 1: rows}, [0, 1]
+    )
+    assert [c[0] for c in calls] == [0, 0, 1]  # both rates on seed 0, then seed 1 once
+    final = [c[1] for c in calls[:2]]
+    assert final[0] != final[1]  # the rates really differ (else a wrong choice is invisible)
+    best = int(np.argmax(final))
+    assert outs[0].info["lr"] == outs[1].info["lr"] == (1e-4, 3e-2)[best]
+    assert outs[0].info["lr_grid_final_val_auc"] == final
+    assert outs[0].metrics["auc"] == calls[best][2]  # the grid's fine-tune, not a retrain
+    assert outs[0].info["val_auc"] == final[best]
+
+
 def test_precise_bn_statistics_are_the_mean_of_the_batch_statistics(tiny_reference):
     """loop.precise_batch_stats: (1) the mean over full batches of each batch's own statistics,
     recovered here independently from the model's running-average updates in train mode, batch

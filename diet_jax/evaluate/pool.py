@@ -192,7 +192,11 @@ def check(config) -> None:
         raise ValueError(f"config.evaluate.max_epochs must be at least 1, got {ev.max_epochs}.")
     if int(ev.val_rows) < 0:
         raise ValueError(f"config.evaluate.val_rows must be >= 0 (0 = all), got {ev.val_rows}.")
-    for key, allowed in (("finetune_lr", ("train", "rows")), ("finetune_adam", ("fresh", "rows"))):
+    for key, allowed in (
+        ("finetune_lr", ("train", "rows")),
+        ("finetune_adam", ("fresh", "rows")),
+        ("lr_select", ("rows", "final")),
+    ):
         if ev[key] not in allowed:
             raise ValueError(f"config.evaluate.{key} must be one of {allowed}, got {ev[key]!r}.")
     if ev.finetune_adam == "rows" and config.train.embedding_optimizer == "dense_adam":

@@ -4,7 +4,8 @@ Reduced-data methods (random, el2n, kmeans, diet): a candidate inherits the fina
 embedding table; its dense network, freshly initialised, trains on the (embedding, soft label)
 rows for up to `evaluate.max_epochs` epochs with Adam, keeping the epoch whose full model has the
 best AUC on the real validation day; the learning rate is chosen from `evaluate.lr_grid` on that
-validation AUC (paper 5.1.4), on the first seed; then the whole model is fine-tuned one epoch on
+validation AUC (paper 5.1.4), on the first seed (`evaluate.lr_select = "final"`: on the
+validation AUC of each rate's model after the fine-tune); then the whole model is fine-tuned one epoch on
 the subsequent block and evaluated on the test day. The rows epochs of a learning-rate grid, or
 of the seeds at the chosen rate, run as one vmapped group (`train/group.py`).
 
@@ -618,40 +619,10 @@ def run_seeds(
     if rows_by_seed is None or any(s not in rows_by_seed for s in seeds):
         raise ValueError(f"Method {method!r} needs its rows (embeddings and soft labels).")
     val = val if val is not None else validation_rows(model, teacher_embed, store, config)
-    grid = [float(lr) for lr in ev.lr_grid]
-    search, members = {}, {}  # members: seed -> (group result, member index, group size)
-    if grid:
-        first = rows_by_seed[seeds[0]]
-        a = train_rows_group(
-            model, [first] * len(grid), [seeds[0]] * len(grid), grid, val, config, pad_to=rows_pad
-        )
-        chosen = select_lr(grid, a["val_auc"])
-        lr = grid[chosen]
-        search = {
-            "lr_grid": grid,
-            "lr_grid_val_auc": np.max(
-                np.where(np.isnan(a["val_auc"]), -np.inf, a["val_auc"]), axis=1
-            ).tolist(),
-            "lr_search_seconds": a["seconds"],
-        }
-        # The first seed's run at the chosen rate is the grid's member: same init, order, rows.
-        members[seeds[0]] = (a, chosen, len(grid))
-    else:
-        lr = float(ev.learning_rate)
-    rest = [s for s in seeds if s not in members]
-    if rest:
-        b = train_rows_group(
-            model,
-            [rows_by_seed[s] for s in rest],
-            rest,
-            [lr] * len(rest),
-            val,
-            config,
-            pad_to=rows_pad,
-        )
-        members.update({s: (b, g, len(rest)) for g, s in enumerate(rest)})
-    for seed in seeds:
-        res, g, size = members[seed]
+
+    def finish(res, g: int, size: int, seed: int, lr: float, search: dict) -> CandidateResult:
+        """Member g of a trained rows group: its best epoch fine-tuned on the subsequent block
+        and tested."""
         share = res["seconds"] / size  # one member's share of its vmapped group
         params = {"embed": teacher_embed, "dense": group.unstack(res["params"], g)}
         t: dict = {}
@@ -689,7 +660,59 @@ def run_seeds(
             "val_auc": float(t["validation"]["auc"]),
             "precise_bn_seconds": t["precise_bn_seconds"],
         }
-        out.append(CandidateResult(test, share + seconds, res["samples"] + samples, info))
+        return CandidateResult(test, share + seconds, res["samples"] + samples, info)
+
+    grid = [float(lr) for lr in ev.lr_grid]
+    search, members = {}, {}  # members: seed -> (group result, member index, group size)
+    finished = {}  # seed -> CandidateResult already fine-tuned (lr_select = "final")
+    if grid:
+        first = rows_by_seed[seeds[0]]
+        a = train_rows_group(
+            model, [first] * len(grid), [seeds[0]] * len(grid), grid, val, config, pad_to=rows_pad
+        )
+        rows_auc = np.max(np.where(np.isnan(a["val_auc"]), -np.inf, a["val_auc"]), axis=1)
+        search = {
+            "lr_grid": grid,
+            "lr_grid_val_auc": rows_auc.tolist(),
+            "lr_search_seconds": a["seconds"],
+        }
+        if ev.lr_select == "final":
+            # Every rate's best epoch fine-tuned; the rate whose final model (the one the
+            # protocol reports) has the best validation AUC wins, as for the reference methods.
+            runs = [finish(a, g, len(grid), seeds[0], grid[g], {}) for g in range(len(grid))]
+            final_auc = [r.info["val_auc"] for r in runs]
+            chosen = select_lr(grid, np.asarray(final_auc)[:, None])
+            search["lr_grid_final_val_auc"] = final_auc
+            search["lr_search_seconds"] += sum(
+                r.info["finetune_seconds"] for g, r in enumerate(runs) if g != chosen
+            )
+            finished[seeds[0]] = runs[chosen]
+            runs[chosen].info.update(search)
+        else:
+            chosen = select_lr(grid, a["val_auc"])
+        lr = grid[chosen]
+        # The first seed's run at the chosen rate is the grid's member: same init, order, rows.
+        members[seeds[0]] = (a, chosen, len(grid))
+    else:
+        lr = float(ev.learning_rate)
+    rest = [s for s in seeds if s not in members]
+    if rest:
+        b = train_rows_group(
+            model,
+            [rows_by_seed[s] for s in rest],
+            rest,
+            [lr] * len(rest),
+            val,
+            config,
+            pad_to=rows_pad,
+        )
+        members.update({s: (b, g, len(rest)) for g, s in enumerate(rest)})
+    for seed in seeds:
+        if seed in finished:
+            out.append(finished[seed])
+            continue
+        res, g, size = members[seed]
+        out.append(finish(res, g, size, seed, lr, search))
     return out
 
 
