@@ -1,12 +1,13 @@
 """A variant rerun against its base run, candidate by candidate, paired by seed.
 
-    python experiments/paired_diff.py --base=W --variant=W2 --models=dcn,dcnv2,finalnet,finalmlp,wukong
+    python experiments/paired_diff.py --base=W --variant=W2 \\
+        --models=dcn,dcnv2,finalnet,finalmlp,wukong
 
 For each model that both runs hold: the base's `--method` (default diet), the variant's, and the
 `--against` (default random; the base's, or with `--against_from=variant` the variant's), mean
-over seeds; then over the models the variant holds,
-variant - base and variant - against on the pool mean, paired by seed (± standard error). Both the
-validation day (`val_auc`, where a setting may be chosen) and the test day are printed.
+over seeds; then over those models, variant - base and variant - against on the pool mean,
+paired by seed (± standard error). Both the validation day (`val_auc`, where a setting may be
+chosen) and the test day are printed.
 """
 
 import json
