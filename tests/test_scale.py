@@ -143,3 +143,27 @@ def test_chunked_kmeans_selection_equals_the_unchunked_one():
         assign_chunk=64,
     )
     assert sub.size == 40 == np.unique(sub).size and sub.max() < 1000
+
+
+def test_selection_rows_are_loaded_per_candidate_once_per_saved_memory(tmp_path):
+    """run_all keeps saved paths, not rows: a path shared by every seed is read once, its row
+    count comes from the metadata alone, and the loaded rows equal the saved ones."""
+    from diet_jax.distill import memory as memory_lib
+    from diet_jax.evaluate import methods
+
+    rng = np.random.default_rng(0)
+    mem = memory_lib.new(
+        rng.normal(size=(7, 3, 2)).astype(np.float32), rng.normal(size=(7, 2)), origin=1
+    )
+    path = str(tmp_path / "el2n")
+    memory_lib.save(path, mem)
+    assert memory_lib.rows(path) == 7
+    shared = methods._rows_by_seed(dict.fromkeys([0, 1, 2], path))
+    assert shared[0] is shared[1] is shared[2]  # one load for the three seeds
+    np.testing.assert_array_equal(np.asarray(shared[0]["e"]), np.asarray(mem.e_NxFxD))
+    np.testing.assert_array_equal(np.asarray(shared[2]["logits"]), np.asarray(mem.logits_NxK))
+    # DIET's memory (already in memory) passes through without a copy.
+    direct = methods._rows_by_seed({0: mem})
+    assert direct[0]["e"] is mem.e_NxFxD
+    with pytest.raises(FileNotFoundError, match="No memory checkpoint"):
+        memory_lib.rows(str(tmp_path / "missing"))

@@ -90,6 +90,15 @@ def exists(path: str) -> bool:
     return checkpoint.exists(path)
 
 
+def rows(path: str) -> int:
+    """How many rows the saved memory at `path` holds, from its metadata (nothing loaded)."""
+    path = os.path.abspath(path)
+    if not exists(path):
+        raise FileNotFoundError(f"No memory checkpoint at {path!r}.")
+    with ocp.StandardCheckpointer() as ckptr:
+        return int(ckptr.metadata(path).item_metadata.tree["e"].shape[0])
+
+
 def load(path: str) -> Memory:
     path = os.path.abspath(path)
     if not exists(path):

@@ -95,25 +95,40 @@ def selection_memory(method: str, config, store: StageStore, ref: ReferenceRun) 
 
 
 def _selection_memories(method, config, store, ref, workdir, res, seeds) -> dict:
-    """{seed: Memory} of a selection baseline: random draws new rows for every seed (cheap);
-    EL2N is deterministic and K-means keeps config.seed's clustering, shared by every seed."""
+    """{seed: path of its saved Memory} of a selection baseline, each made once and saved:
+    random draws new rows for every seed (cheap); EL2N is deterministic and K-means keeps
+    config.seed's clustering, shared by every seed. Paths, not rows: `run_all` loads a method's
+    rows for one candidate at a time, so host memory holds one method's rows, not every
+    method's (the rows are ratio x the stream: they grow with it)."""
     out = {}
     for seed in seeds if method == "random" else seeds[:1]:
         suffix = "" if seed == config.seed else f"_seed{seed}"
         path = os.path.join(workdir, "baselines", method + suffix)
+        out[seed] = path
         if memory_lib.exists(path):
-            out[seed] = memory_lib.load(path)
             continue
         cfg = config.copy_and_resolve_references()
         cfg.seed = seed
         start = time.perf_counter()
-        out[seed] = selection_memory(method, cfg, store, ref)
+        memory = selection_memory(method, cfg, store, ref)
         key = f"select_{method}_seconds"
         res["timings"][key] = res["timings"].get(key, 0.0) + time.perf_counter() - start
-        memory_lib.save(path, out[seed])
+        memory_lib.save(path, memory)
+        del memory
     if method != "random":
         out = dict.fromkeys(seeds, out[seeds[0]])
     return out
+
+
+def _rows_by_seed(sources: dict) -> dict:
+    """{seed: {"e", "logits"}} from {seed: Memory or saved path}; a path shared by several seeds
+    is loaded once."""
+    loaded: dict = {}
+    for src in sources.values():
+        if id(src) not in loaded:
+            m = memory_lib.load(src) if isinstance(src, str) else src
+            loaded[id(src)] = m.trainable()
+    return {s: loaded[id(src)] for s, src in sources.items()}
 
 
 def seed_results_entry(method: str, cand, seeds: list[int], outs) -> dict:
@@ -163,7 +178,7 @@ def run_all(
         if r["method"] == "reference" or r.get("seeds") == seeds
     }
     todo = [(m, c) for c in cands for m in ev.methods if ev.rerun or (m, c.name) not in done]
-    memories: dict[str, dict] = {}
+    memories: dict[str, dict] = {}  # method -> {seed: Memory (DIET's) or saved path}
     if diet_memory is not None:
         memories["diet"] = dict.fromkeys(seeds, diet_memory)  # one distillation (config.seed)
     for method in sorted({m for m, _ in todo} & set(SELECTIONS)):
@@ -171,7 +186,14 @@ def run_all(
     teacher_embed = ref.final.params["embed"]
     embed_opt = protocol.inherited_embed_opt(ref.final, config)
     # Rows of every reduced method padded to one length: one compiled epoch per architecture.
-    rows_pad = max((len(m) for ms in memories.values() for m in ms.values()), default=0)
+    rows_pad = max(
+        (
+            memory_lib.rows(m) if isinstance(m, str) else len(m)
+            for ms in memories.values()
+            for m in ms.values()
+        ),
+        default=0,
+    )
     val = None
     bar = tqdm(todo, desc="candidates", disable=not config.progress)
     for method, cand in bar:
@@ -185,13 +207,11 @@ def run_all(
         if method in REDUCED:
             if val is None:  # the validation day under the teacher's table, for every candidate
                 val = protocol.validation_rows(model, teacher_embed, store, config)
-            trainable = {}
-            rows = {
-                s: trainable.setdefault(id(m), m.trainable()) for s, m in memories[method].items()
-            }
+            rows = _rows_by_seed(memories[method])
         outs = protocol.run_seeds(
             method, model, store, config, teacher_embed, rows, seeds, val, rows_pad, embed_opt
         )
+        del rows  # a selection's rows are reloaded for its next candidate (one method at a time)
         e = seed_results_entry(method, cand, seeds, outs)
         results_lib.upsert(res, e)
         res.setdefault("candidate_info", {})[f"{method}/{cand.name}"] = [o.info for o in outs]

@@ -189,14 +189,22 @@ def train_rows_group(
     lrs = [jnp.asarray(lr, jnp.float32) for lr in lrs_G]
     rngs = [np.random.default_rng(s) for s in seeds_G]
 
-    def as_rows(key):
-        def one(r):
-            a = np.asarray(r[key], np.float32)
-            return np.concatenate([a, np.zeros((n_pad - n, *a.shape[1:]), np.float32)])
+    def padded(r, key):
+        """One member's rows padded to n_pad: one copy when padding, none otherwise (the rows
+        grow with the stream). Through a host view, so the result is an uncommitted array
+        whatever the rows were (a committed one would recompile the steps inside the clock);
+        on the CPU `device_put` of an aligned float32 view aliases it."""
+        a = r[key]
+        if n_pad > n:
+            a = jnp.pad(jnp.asarray(a, jnp.float32), [(0, n_pad - n)] + [(0, 0)] * (a.ndim - 1))
+        return jax.device_put(np.asarray(a, np.float32))
 
+    def as_rows(key):
         if shared:
-            return jnp.asarray(one(rows_G[0]))
-        return jnp.asarray(np.stack([one(r) for r in rows_G]))
+            return padded(rows_G[0], key)
+        if not vmapped:  # members one at a time: each member's rows when it trains
+            return None
+        return jnp.stack([padded(r, key) for r in rows_G])
 
     e, logits = as_rows("e"), as_rows("logits")
     clock = TrainClock()
@@ -225,7 +233,9 @@ def train_rows_group(
         kept = []
         for g in range(g_count):
             p, s, o = params[g], states[g], opts[g]
-            eg, lg = (e, logits) if shared else (e[g], logits[g])
+            eg, lg = (
+                (e, logits) if shared else (padded(rows_G[g], "e"), padded(rows_G[g], "logits"))
+            )
             best = None
             for epoch in range(int(ev.max_epochs)):
                 order = jnp.asarray(group.padded_order(n, bs, rngs[g], n_pad))
