@@ -90,19 +90,22 @@ def exists(path: str) -> bool:
     return checkpoint.exists(path)
 
 
-def rows(path: str) -> int:
-    """How many rows the saved memory at `path` holds, from its metadata (nothing loaded)."""
+def _checked(path: str) -> str:
     path = os.path.abspath(path)
     if not exists(path):
         raise FileNotFoundError(f"No memory checkpoint at {path!r}.")
+    return path
+
+
+def rows(path: str) -> int:
+    """How many rows the saved memory at `path` holds, from its metadata (nothing loaded)."""
+    path = _checked(path)
     with ocp.StandardCheckpointer() as ckptr:
         return int(ckptr.metadata(path).item_metadata.tree["e"].shape[0])
 
 
 def load(path: str) -> Memory:
-    path = os.path.abspath(path)
-    if not exists(path):
-        raise FileNotFoundError(f"No memory checkpoint at {path!r}.")
+    path = _checked(path)
     with ocp.StandardCheckpointer() as ckptr:
         tree = ckptr.metadata(path).item_metadata.tree
         sharding = parallel.global_replicated()  # None on one process; multi-host: replicated

@@ -123,12 +123,16 @@ def _selection_memories(method, config, store, ref, workdir, res, seeds) -> dict
 def _rows_by_seed(sources: dict) -> dict:
     """{seed: {"e", "logits"}} from {seed: Memory or saved path}; a path shared by several seeds
     is loaded once."""
+
+    def key(src):  # a path by its value; a Memory (not hashable) by identity
+        return src if isinstance(src, str) else id(src)
+
     loaded: dict = {}
     for src in sources.values():
-        if id(src) not in loaded:
+        if key(src) not in loaded:
             m = memory_lib.load(src) if isinstance(src, str) else src
-            loaded[id(src)] = m.trainable()
-    return {s: loaded[id(src)] for s, src in sources.items()}
+            loaded[key(src)] = m.trainable()
+    return {s: loaded[key(src)] for s, src in sources.items()}
 
 
 def seed_results_entry(method: str, cand, seeds: list[int], outs) -> dict:
@@ -186,12 +190,11 @@ def run_all(
     teacher_embed = ref.final.params["embed"]
     embed_opt = protocol.inherited_embed_opt(ref.final, config)
     # Rows of every reduced method padded to one length: one compiled epoch per architecture.
+    # A saved memory's length from its metadata, once per path (seeds may share one).
+    sources = [m for ms in memories.values() for m in ms.values()]
+    paths = {m for m in sources if isinstance(m, str)}
     rows_pad = max(
-        (
-            memory_lib.rows(m) if isinstance(m, str) else len(m)
-            for ms in memories.values()
-            for m in ms.values()
-        ),
+        [memory_lib.rows(p) for p in paths] + [len(m) for m in sources if not isinstance(m, str)],
         default=0,
     )
     val = None

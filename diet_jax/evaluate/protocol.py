@@ -6,8 +6,8 @@ rows for up to `evaluate.max_epochs` epochs with Adam, keeping the epoch whose f
 best AUC on the real validation day; the learning rate is chosen from `evaluate.lr_grid` on that
 validation AUC (paper 5.1.4), on the first seed (`evaluate.lr_select = "final"`: on the
 validation AUC of each rate's model after the fine-tune); then the whole model is fine-tuned one
-epoch on the subsequent block and evaluated on the test day. The rows epochs of a learning-rate grid, or
-of the seeds at the chosen rate, run as one vmapped group (`train/group.py`).
+epoch on the subsequent block and evaluated on the test day. The rows epochs of a learning-rate
+grid, or of the seeds at the chosen rate, run as one vmapped group (`train/group.py`).
 
 Reference methods: full_data (from scratch, one epoch over every historical stage and the
 subsequent block, in time order), cold_start (from scratch, subsequent block only),
@@ -569,8 +569,9 @@ def run_seeds(
     Reduced-data methods: the learning rate is chosen on the first seed, the evaluate.lr_grid as
     one vmapped group on its rows, by the best-epoch validation AUC (that member is the first
     seed's run; with evaluate.lr_select = "final", every member is fine-tuned and the one whose
-    fine-tuned model has the best validation AUC is chosen and kept); the other seeds train at that rate as one vmapped group (each its own init, row
-    order and rows); every seed keeps its best epoch and is fine-tuned on the subsequent block.
+    fine-tuned model has the best validation AUC is chosen and kept); the other seeds train at
+    that rate as one vmapped group (each its own init, row order and rows); every seed keeps its
+    best epoch and is fine-tuned on the subsequent block.
     Full Data, Cold Start and Warmup Start train the whole model one epoch per stage, seed by
     seed, at train.learning_rate, or, with evaluate.reference_lr_grid, at the grid's rate whose
     final model has the best validation AUC on the first seed (each rate a run of its own).
