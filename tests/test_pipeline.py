@@ -68,7 +68,9 @@ def test_rerun_of_pipeline_skips_finished_stages(tiny_run):
     assert ref(second)["auc"] == ref(first)["auc"]
 
 
-def test_cli_overrides_and_rejects_unknown_keys(tmp_path):
+def test_cli_overrides_reach_the_run(tmp_path):
+    """--config.* overrides reach config.json and the run. A bad key or value is tests/test_cli.py's
+    (one line on stderr, before any work) and tests/test_config.py's (every check)."""
     env = {**os.environ, "PYTHONPATH": ROOT}
     base = [
         sys.executable,
@@ -77,14 +79,6 @@ def test_cli_overrides_and_rejects_unknown_keys(tmp_path):
         "--config=configs/synthetic.py:tiny",
         f"--workdir={tmp_path}",
     ]
-    bad = subprocess.run(
-        base + ["--config.train.batchsize=3"], cwd=ROOT, env=env, capture_output=True, text=True
-    )
-    assert bad.returncode != 0 and 'Did you mean "batch_size"' in bad.stderr
-    neg = subprocess.run(
-        base + ["--config.train.batch_size=-1"], cwd=ROOT, env=env, capture_output=True, text=True
-    )
-    assert neg.returncode != 0 and "config.train.batch_size must be positive" in neg.stderr
     ok = subprocess.run(
         # Candidates are covered by the shared tiny run; one keeps this CLI check short.
         base

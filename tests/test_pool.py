@@ -256,6 +256,65 @@ def test_vmapped_group_equals_each_member_trained_alone(group_setup, shared):
     assert not np.allclose(leaf[0], leaf[1])
 
 
+@pytest.mark.parametrize("vmapped", [False, True])
+def test_lazy_rows_train_like_loaded_ones_one_member_at_a_time(group_setup, vmapped, monkeypatch):
+    """LazyRows members give the same group as their loaded rows; a sequential group reads each
+    member's rows when that member trains (after the previous member's epochs; a vmapped group
+    needs them all before its first epoch) and keeps none of them; members sharing one LazyRows
+    read it once."""
+    import gc
+    import weakref
+
+    config, model, rows, val = group_setup
+    made = [rows(64) for _ in range(3)]
+    scored = [0]  # validation passes so far: one per member and epoch when sequential
+    real_val_auc = protocol._val_auc
+
+    def counting_val_auc(*args):
+        scored[0] += 1
+        return real_val_auc(*args)
+
+    monkeypatch.setattr(protocol, "_val_auc", counting_val_auc)
+    loads, scored_at_load = [], []
+
+    def loader(g):
+        def load():
+            scored_at_load.append(scored[0])
+            out = {k: v.copy() for k, v in made[g].items()}
+            loads.append(weakref.ref(out["e"]))
+            return out
+
+        return protocol.LazyRows(64, load)
+
+    seeds, lrs = [0, 1, 2], [1e-3, 1e-2, 3e-3]
+    lazy = protocol.train_rows_group(
+        model, [loader(g) for g in range(3)], seeds, lrs, val, config, vmapped=vmapped
+    )
+    epochs = config.evaluate.max_epochs
+    assert scored_at_load == ([0, 0, 0] if vmapped else [0, epochs, 2 * epochs])
+    gc.collect()
+    assert all(r() is None for r in loads)  # no loaded rows outlive the group
+    eager = protocol.train_rows_group(model, made, seeds, lrs, val, config, vmapped=vmapped)
+    for a, b in zip(jax.tree.leaves(lazy["params"]), jax.tree.leaves(eager["params"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(lazy["val_auc"], eager["val_auc"])
+    assert lazy["rows"] == 64 and len(loads) == 3
+    one = loader(0)
+    loads.clear()
+    protocol.train_rows_group(model, [one] * 2, [0, 1], [1e-3, 1e-2], val, config)
+    assert len(loads) == 1
+    with pytest.raises(ValueError, match="Member 1 has 64 rows; member 0 has 50"):
+        protocol.train_rows_group(
+            model,
+            [protocol.LazyRows(50, lambda: rows(50)), loader(1)],
+            [0, 1],
+            [1e-3] * 2,
+            val,
+            config,
+            vmapped=False,
+        )
+
+
 def test_padding_rows_changes_nothing(group_setup):
     config, model, rows, val = group_setup
     r = rows(64)

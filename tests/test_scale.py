@@ -149,7 +149,7 @@ def test_selection_rows_are_loaded_per_candidate_once_per_saved_memory(tmp_path)
     """run_all keeps saved paths, not rows: a path shared by every seed is read once, its row
     count comes from the metadata alone, and the loaded rows equal the saved ones."""
     from diet_jax.distill import memory as memory_lib
-    from diet_jax.evaluate import methods
+    from diet_jax.evaluate import methods, protocol
 
     rng = np.random.default_rng(0)
     mem = memory_lib.new(
@@ -159,11 +159,20 @@ def test_selection_rows_are_loaded_per_candidate_once_per_saved_memory(tmp_path)
     memory_lib.save(path, mem)
     assert memory_lib.rows(path) == 7
     shared = methods._rows_by_seed(dict.fromkeys([0, 1, 2], path))
-    assert shared[0] is shared[1] is shared[2]  # one load for the three seeds
-    np.testing.assert_array_equal(np.asarray(shared[0]["e"]), np.asarray(mem.e_NxFxD))
-    np.testing.assert_array_equal(np.asarray(shared[2]["logits"]), np.asarray(mem.logits_NxK))
-    # DIET's memory (already in memory) passes through without a copy.
-    direct = methods._rows_by_seed({0: mem})
-    assert direct[0]["e"] is mem.e_NxFxD
+    assert shared[0] is shared[1] is shared[2]  # one (lazy) load for the three seeds
+    assert isinstance(shared[0], protocol.LazyRows) and shared[0].n == 7
+    loaded = shared[0].load()
+    np.testing.assert_array_equal(np.asarray(loaded["e"]), np.asarray(mem.e_NxFxD))
+    np.testing.assert_array_equal(np.asarray(loaded["logits"]), np.asarray(mem.logits_NxK))
+    # Random's draws: one lazy object per seed, nothing read yet.
+    paths = {s: str(tmp_path / f"random{s}") for s in range(2)}
+    for s, p in paths.items():
+        memory_lib.save(p, mem.replace(logits_NxK=mem.logits_NxK + s))
+    draws = methods._rows_by_seed(paths)
+    assert draws[0] is not draws[1] and protocol.rows_count(draws[1]) == 7
+    np.testing.assert_allclose(np.asarray(draws[1].load()["logits"]), mem.logits_NxK + 1)
+    # DIET's memory (already in memory) passes through without a copy, one dict for its seeds.
+    direct = methods._rows_by_seed({0: mem, 1: mem})
+    assert direct[0]["e"] is mem.e_NxFxD and direct[0] is direct[1]
     with pytest.raises(FileNotFoundError, match="No memory checkpoint"):
         memory_lib.rows(str(tmp_path / "missing"))

@@ -121,18 +121,26 @@ def _selection_memories(method, config, store, ref, workdir, res, seeds) -> dict
 
 
 def _rows_by_seed(sources: dict) -> dict:
-    """{seed: {"e", "logits"}} from {seed: Memory or saved path}; a path shared by several seeds
-    is loaded once."""
+    """{seed: rows} from {seed: Memory or saved path}: a Memory's rows as they are (DIET's, already
+    in memory), a path's as a `protocol.LazyRows` that reads them when its seed trains (one object
+    per path, so seeds sharing a path share one load). A candidate then holds one selection draw
+    at a time, not every seed's."""
+    made: dict = {}  # a path by its value, a Memory (not hashable) by identity -> its rows
+    out = {}
+    for seed, src in sources.items():
+        key = src if isinstance(src, str) else id(src)
+        if key not in made:
+            if isinstance(src, str):
+                load = functools.partial(_trainable_rows, src)
+                made[key] = protocol.LazyRows(memory_lib.rows(src), load)
+            else:
+                made[key] = src.trainable()
+        out[seed] = made[key]
+    return out
 
-    def key(src):  # a path by its value; a Memory (not hashable) by identity
-        return src if isinstance(src, str) else id(src)
 
-    loaded: dict = {}
-    for src in sources.values():
-        if key(src) not in loaded:
-            m = memory_lib.load(src) if isinstance(src, str) else src
-            loaded[key(src)] = m.trainable()
-    return {s: loaded[key(src)] for s, src in sources.items()}
+def _trainable_rows(path: str) -> dict:
+    return memory_lib.load(path).trainable()
 
 
 def seed_results_entry(method: str, cand, seeds: list[int], outs) -> dict:

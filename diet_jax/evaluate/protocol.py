@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import functools
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -148,9 +149,28 @@ def init_full(model: RecModel, seed: int):
 
 
 # ---------------------------------------------------------------------------- reduced rows
+@dataclasses.dataclass(frozen=True, eq=False)
+class LazyRows:
+    """`n` rows {"e", "logits"} that `load()` reads when a member trains: a sequential group then
+    holds one member's rows at a time (a selection's saved draws, one per seed, grow with the
+    stream). Members given the same LazyRows object share one load."""
+
+    n: int
+    load: Callable[[], dict]
+
+
+def rows_count(rows) -> int:
+    """The number of rows of a {"e", "logits"} dict or a LazyRows (read without loading)."""
+    return rows.n if isinstance(rows, LazyRows) else int(np.asarray(rows["e"]).shape[0])
+
+
+def _loaded(rows) -> dict:
+    return rows.load() if isinstance(rows, LazyRows) else rows
+
+
 def train_rows_group(
     model: RecModel,
-    rows_G: list[dict],
+    rows_G: list,
     seeds_G: list[int],
     lrs_G: list[float],
     val: ValidationRows,
@@ -161,7 +181,9 @@ def train_rows_group(
     """Trains G fresh dense networks on rows for evaluate.max_epochs epochs as one vmapped group.
 
     Member g starts from init_dense(key(seeds_G[g])), shuffles with default_rng(seeds_G[g]) and
-    uses Adam at lrs_G[g] on rows_G[g] (one shared array when every member has the same rows).
+    uses Adam at lrs_G[g] on rows_G[g] (one shared array when every member has the same rows),
+    a {"e", "logits"} dict or a `LazyRows` (read when its member trains: a sequential group holds
+    one member's rows at a time).
     After every epoch the whole group is scored on the validation rows and each member keeps its
     best epoch. `vmapped=False` trains the members one after another (the reference); None
     follows evaluate.group_mode.
@@ -176,7 +198,7 @@ def train_rows_group(
         vmapped = group_vmapped(config)
     g_count = len(seeds_G)
     shared = all(r is rows_G[0] for r in rows_G)
-    n = int(np.asarray(rows_G[0]["e"]).shape[0])
+    n = rows_count(rows_G[0])
     n_pad = max(n, int(pad_to))
     bs = min(int(ev.rows_batch_size), n_pad)
     fns = group.make_group_fns(
@@ -199,14 +221,16 @@ def train_rows_group(
             a = jnp.pad(jnp.asarray(a, jnp.float32), [(0, n_pad - n)] + [(0, 0)] * (a.ndim - 1))
         return jax.device_put(np.asarray(a, np.float32))
 
-    def as_rows(key):
+    def as_rows():
         if shared:
-            return padded(rows_G[0], key)
+            r = _loaded(rows_G[0])
+            return padded(r, "e"), padded(r, "logits")
         if not vmapped:  # members one at a time: each member's rows when it trains
-            return None
-        return jnp.stack([padded(r, key) for r in rows_G])
+            return None, None
+        loaded = [_loaded(r) for r in rows_G]
+        return tuple(jnp.stack([padded(r, key) for r in loaded]) for key in ("e", "logits"))
 
-    e, logits = as_rows("e"), as_rows("logits")
+    e, logits = as_rows()
     clock = TrainClock()
     aucs = np.full((g_count, int(ev.max_epochs)), np.nan)
     losses = np.full((g_count, int(ev.max_epochs)), np.nan)
@@ -233,9 +257,14 @@ def train_rows_group(
         kept = []
         for g in range(g_count):
             p, s, o = params[g], states[g], opts[g]
-            eg, lg = (
-                (e, logits) if shared else (padded(rows_G[g], "e"), padded(rows_G[g], "logits"))
-            )
+            if shared:
+                eg, lg = e, logits
+            else:  # this member's rows only (read now when lazy), dropped after it trains
+                r = _loaded(rows_G[g])
+                if rows_count(r) != n:
+                    raise ValueError(f"Member {g} has {rows_count(r)} rows; member 0 has {n}.")
+                eg, lg = padded(r, "e"), padded(r, "logits")
+                del r
             best = None
             for epoch in range(int(ev.max_epochs)):
                 order = jnp.asarray(group.padded_order(n, bs, rngs[g], n_pad))
@@ -250,6 +279,7 @@ def train_rows_group(
                 ):
                     best = (p, s, o)
             kept.append(best)
+            eg = lg = None  # this member's rows go before the next member's are read
         best_p, best_s, best_o = (group.stack([k[i] for k in kept]) for i in range(3))
     if not np.isfinite(losses).any():
         raise FloatingPointError(
@@ -265,6 +295,7 @@ def train_rows_group(
         "seconds": clock.seconds,
         "compiles": clock.compiles,
         "samples": int(ev.max_epochs) * n,
+        "rows": n,
         "losses": losses,
     }
 
@@ -662,7 +693,7 @@ def run_seeds(
             **search,
             "best_epoch": int(res["best_epoch"][g]),
             "val_auc_per_epoch": res["val_auc"][g].tolist(),
-            "rows": int(np.asarray(rows_by_seed[seed]["e"]).shape[0]),
+            "rows": int(res["rows"]),
             "rows_seconds": share,
             "rows_group_size": size,
             "historical_seconds": share,
