@@ -406,6 +406,7 @@ def test_lr_select_final_picks_the_best_fine_tuned_rate(tiny_reference, monkeypa
     config = config.copy_and_resolve_references()
     config.evaluate.lr_grid = (1e-4, 3e-2)
     config.evaluate.lr_select = "final"
+    config.evaluate.lr_select_top = 0  # every rate
     model = build_model(config.model, store.feature_map, name="dcn")
     rows = methods.selection_memory("random", config, store, ref).trainable()
     calls = []
@@ -428,6 +429,46 @@ def test_lr_select_final_picks_the_best_fine_tuned_rate(tiny_reference, monkeypa
     assert outs[0].info["lr_grid_final_val_auc"] == final
     assert outs[0].metrics["auc"] == calls[best][2]  # the grid's fine-tune, not a retrain
     assert outs[0].info["val_auc"] == final[best]
+
+
+def test_lr_select_top_fine_tunes_only_the_best_rows_rates(tiny_reference, monkeypatch):
+    """evaluate.lr_select_top = 2 of a 3-rate grid: the two rates whose rows epochs score best
+    are fine-tuned (the third is not: None in lr_grid_final_val_auc), the better fine-tuned one
+    wins; top 1 gives exactly the result of lr_select = "rows"."""
+    from diet_jax.evaluate import methods, protocol
+    from diet_jax.models import build_model
+
+    config, store, ref = tiny_reference
+    config = config.copy_and_resolve_references()
+    config.evaluate.lr_grid = (1e-5, 3e-3, 3e-2)
+    config.evaluate.lr_select = "final"
+    config.evaluate.lr_select_top = 2
+    model = build_model(config.model, store.feature_map, name="dcn")
+    rows = methods.selection_memory("random", config, store, ref).trainable()
+    embed = ref.final.params["embed"]
+    tuned = []
+    real = protocol.finetune_and_test
+
+    def spy(*args, timings, **kw):
+        r = real(*args, timings=timings, **kw)
+        tuned.append(timings["validation"]["auc"])
+        return r
+
+    monkeypatch.setattr(protocol, "finetune_and_test", spy)
+    out = protocol.run_seeds("random", model, store, config, embed, {0: rows}, [0])[0]
+    rows_auc = np.asarray(out.info["lr_grid_val_auc"])
+    final = out.info["lr_grid_final_val_auc"]
+    skipped = int(np.argmin(rows_auc))
+    assert len(tuned) == 2 and final[skipped] is None
+    assert sorted(x for x in final if x is not None) == sorted(tuned)
+    best = int(np.nanargmax([np.nan if x is None else x for x in final]))
+    assert out.info["lr"] == config.evaluate.lr_grid[best] and out.info["val_auc"] == final[best]
+    config.evaluate.lr_select_top = 1
+    one = protocol.run_seeds("random", model, store, config, embed, {0: rows}, [0])[0]
+    config.evaluate.lr_select = "rows"
+    by_rows = protocol.run_seeds("random", model, store, config, embed, {0: rows}, [0])[0]
+    assert one.info["lr"] == by_rows.info["lr"] == config.evaluate.lr_grid[int(np.argmax(rows_auc))]
+    assert one.metrics["auc"] == by_rows.metrics["auc"]
 
 
 def test_precise_bn_statistics_are_the_mean_of_the_batch_statistics(tiny_reference):

@@ -58,6 +58,8 @@ def test_pool_check_rejects_repeats_bad_models_seeds_and_grid(tiny_config):
         ("reference_lr_grid", (0.0,), "reference_lr_grid"),
         ("finetune_lr", "chosen", "finetune_lr"),
         ("finetune_adam", "warm", "finetune_adam"),
+        ("lr_select", "best", "lr_select must be one of"),
+        ("lr_select_top", -1, "lr_select_top must be an integer >= 0"),
     ]:
         cfg = tiny_config.copy_and_resolve_references()
         cfg.evaluate[key] = value

@@ -204,6 +204,11 @@ def check(config) -> None:
             "config.evaluate.finetune_adam='rows' needs a row-sparse train.embedding_optimizer "
             "(the fine-tune's dense Adam state apart from the table's), not dense_adam."
         )
+    top = ev.get("lr_select_top", 0)
+    if not isinstance(top, int) or isinstance(top, bool) or top < 0:
+        raise ValueError(
+            f"config.evaluate.lr_select_top must be an integer >= 0 (0 = every rate), got {top!r}."
+        )
     if ev.group_mode not in ("auto", "vmap", "sequential"):
         raise ValueError(
             f"config.evaluate.group_mode must be auto, vmap or sequential, got {ev.group_mode!r}."

@@ -4,8 +4,9 @@ Reduced-data methods (random, el2n, kmeans, diet): a candidate inherits the fina
 embedding table; its dense network, freshly initialised, trains on the (embedding, soft label)
 rows for up to `evaluate.max_epochs` epochs with Adam, keeping the epoch whose full model has the
 best AUC on the real validation day; the learning rate is chosen from `evaluate.lr_grid` on that
-validation AUC (paper 5.1.4), on the first seed (`evaluate.lr_select = "final"`: on the
-validation AUC of each rate's model after the fine-tune); then the whole model is fine-tuned one
+validation AUC (paper 5.1.4), on the first seed (`evaluate.lr_select = "final"`, the default: on
+the validation AUC of the model after the fine-tune, for the `evaluate.lr_select_top` rates whose
+rows epochs score best; "rows": on the best rows epoch's); then the whole model is fine-tuned one
 epoch on the subsequent block and evaluated on the test day. The rows epochs of a learning-rate
 grid, or of the seeds at the chosen rate, run as one vmapped group (`train/group.py`).
 
@@ -599,8 +600,9 @@ def run_seeds(
 
     Reduced-data methods: the learning rate is chosen on the first seed, the evaluate.lr_grid as
     one vmapped group on its rows, by the best-epoch validation AUC (that member is the first
-    seed's run; with evaluate.lr_select = "final", every member is fine-tuned and the one whose
-    fine-tuned model has the best validation AUC is chosen and kept); the other seeds train at
+    seed's run; with evaluate.lr_select = "final", the evaluate.lr_select_top best members by that
+    AUC (0 = all) are fine-tuned and the one whose fine-tuned model has the best validation AUC is
+    chosen and kept); the other seeds train at
     that rate as one vmapped group (each its own init, row order and rows); every seed keeps its
     best epoch and is fine-tuned on the subsequent block.
     Full Data, Cold Start and Warmup Start train the whole model one epoch per stage, seed by
@@ -720,14 +722,21 @@ def run_seeds(
             "lr_search_seconds": a["seconds"],
         }
         if ev.lr_select == "final":
-            # Every rate's best epoch fine-tuned; the rate whose final model (the one the
-            # protocol reports) has the best validation AUC wins, as for the reference methods.
-            runs = [finish(a, g, len(grid), seeds[0], grid[g], {}) for g in range(len(grid))]
-            final_auc = [r.info["val_auc"] for r in runs]
-            chosen = select_lr(grid, np.asarray(final_auc)[:, None])
-            search["lr_grid_final_val_auc"] = final_auc
+            # The best epochs of the evaluate.lr_select_top best rates (by the rows' AUC; 0 =
+            # every rate) fine-tuned; the rate whose final model (the one the protocol reports)
+            # has the best validation AUC wins, as for the reference methods.
+            top = int(ev.get("lr_select_top", 0)) or len(grid)
+            tried = [int(g) for g in np.argsort(-rows_auc, kind="stable")[:top]]
+            runs = {g: finish(a, g, len(grid), seeds[0], grid[g], {}) for g in sorted(tried)}
+            final_auc = np.full(len(grid), np.nan)
+            for g, r in runs.items():
+                final_auc[g] = r.info["val_auc"]
+            chosen = select_lr(grid, final_auc[:, None])
+            if chosen not in runs:  # every tried rate diverged: the rows' choice
+                chosen = tried[0]
+            search["lr_grid_final_val_auc"] = [None if np.isnan(x) else float(x) for x in final_auc]
             search["lr_search_seconds"] += sum(
-                r.info["finetune_seconds"] for g, r in enumerate(runs) if g != chosen
+                r.info["finetune_seconds"] for g, r in runs.items() if g != chosen
             )
             finished[seeds[0]] = runs[chosen]
             runs[chosen].info.update(search)
