@@ -11,6 +11,7 @@ import pytest
 
 from diet_jax import baselines
 from diet_jax.evaluate import fidelity
+from tests.conftest import ROOT
 
 
 def test_spearman_and_kendall_match_hand_computation():
@@ -545,3 +546,25 @@ def test_finetune_continues_the_rows_phase_adam_moments():
     other = protocol.adam_moments(group.rows_tx(10.0).init({"w": jnp.ones((2, 2))}))
     with pytest.raises(ValueError, match="does not match"):
         protocol._continue_adam(ft, other, "m")
+
+
+def test_lr_select_top_script_ranks_the_full_search_choice_by_the_rows_auc():
+    """experiments/lr_select_top.py: the chosen rate's rank among the rates ordered by the rows'
+    AUC, by hand on two entries; an entry of a top-k run (a rate not fine-tuned) is refused."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "lr_select_top", os.path.join(ROOT, "experiments", "lr_select_top.py")
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    info = {
+        # rows order: 2, 0, 1; the final models' best is rate 0: rank 1 (the second)
+        "diet/a": [{"lr_grid_val_auc": [0.6, 0.5, 0.7], "lr_grid_final_val_auc": [0.9, 0.1, 0.8]}],
+        "random/a": [{"lr_grid_val_auc": [0.6, 0.5, 0.7], "lr_grid_final_val_auc": [0, 0, 0.8]}],
+        "full_data/a": [{"lr": 1e-3}],
+    }
+    assert script.choice_ranks(info) == {"diet/a": 1, "random/a": 0}
+    info["diet/a"][0]["lr_grid_final_val_auc"][1] = None
+    with pytest.raises(SystemExit, match="diet/a: some rates were not fine-tuned"):
+        script.choice_ranks(info)
