@@ -17,8 +17,6 @@ import os
 import numpy as np
 from absl import app, flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "a run with lr_select=final, top 0", required=True)
-
 
 def choice_ranks(candidate_info: dict) -> dict[str, int]:
     """{"method/candidate": rank of the chosen rate by the rows' AUC (0 = the rows' choice)}."""
@@ -37,7 +35,7 @@ def choice_ranks(candidate_info: dict) -> dict[str, int]:
 
 
 def main(_):
-    with open(os.path.join(_WORKDIR.value, "results.json")) as f:
+    with open(os.path.join(flags.FLAGS.workdir, "results.json")) as f:
         res = json.load(f)
     ranks = choice_ranks(res.get("candidate_info", {}))
     if not ranks:
@@ -60,4 +58,7 @@ def main(_):
 
 
 if __name__ == "__main__":
+    # Defined here, not at import, so that tests can import the script beside diet_jax.main
+    # (whose --workdir flag it would repeat).
+    flags.DEFINE_string("workdir", None, "a run with lr_select=final, top 0", required=True)
     app.run(main)
