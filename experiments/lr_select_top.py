@@ -17,6 +17,8 @@ import os
 import numpy as np
 from absl import app, flags
 
+from diet_jax.evaluate import protocol
+
 
 def choice_ranks(candidate_info: dict) -> dict[str, int]:
     """{"method/candidate": rank of the chosen rate by the rows' AUC (0 = the rows' choice)}."""
@@ -28,9 +30,8 @@ def choice_ranks(candidate_info: dict) -> dict[str, int]:
             continue
         if any(x is None for x in final):
             raise SystemExit(f"{key}: some rates were not fine-tuned (lr_select_top > 0).")
-        rows = np.asarray(first["lr_grid_val_auc"], np.float64)
-        order = list(np.argsort(-rows, kind="stable"))
-        ranks[key] = order.index(int(np.nanargmax(np.asarray(final, np.float64))))
+        chosen = protocol.select_lr(final, np.asarray(final, np.float64)[:, None])
+        ranks[key] = protocol.rates_by_rows_auc(first["lr_grid_val_auc"]).index(chosen)
     return ranks
 
 
@@ -40,7 +41,7 @@ def main(_):
     ranks = choice_ranks(res.get("candidate_info", {}))
     if not ranks:
         raise SystemExit("No entry with lr_grid_final_val_auc: run with evaluate.lr_select=final.")
-    grid = len(next(iter(res["candidate_info"][k][0]["lr_grid_val_auc"] for k in ranks)))
+    grid = len(res["candidate_info"][next(iter(ranks))][0]["lr_grid_val_auc"])
     count = collections.Counter(ranks.values())
     print(f"{len(ranks)} entries, a grid of {grid} rates")
     print("| rank of the chosen rate by the rows' AUC | entries |")

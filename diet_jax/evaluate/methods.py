@@ -197,12 +197,12 @@ def run_all(
         memories[method] = _selection_memories(method, config, store, ref, workdir, res, seeds)
     teacher_embed = ref.final.params["embed"]
     embed_opt = protocol.inherited_embed_opt(ref.final, config)
+    # {method: {seed: rows}}, made once: a selection's rows are LazyRows, read when a seed
+    # trains (host memory holds one draw at a time), their lengths from the metadata.
+    rows_by_method = {m: _rows_by_seed(ms) for m, ms in memories.items()}
     # Rows of every reduced method padded to one length: one compiled epoch per architecture.
-    # A saved memory's length from its metadata, once per path (seeds may share one).
-    sources = [m for ms in memories.values() for m in ms.values()]
-    paths = {m for m in sources if isinstance(m, str)}
     rows_pad = max(
-        [memory_lib.rows(p) for p in paths] + [len(m) for m in sources if not isinstance(m, str)],
+        (protocol.rows_count(r) for rs in rows_by_method.values() for r in rs.values()),
         default=0,
     )
     val = None
@@ -214,15 +214,20 @@ def run_all(
                 f"Method {method!r} needs its memory; DIET's comes from the distillation phase."
             )
         model = pool.build(cand, config, store.feature_map)
-        rows = None
-        if method in REDUCED:
-            if val is None:  # the validation day under the teacher's table, for every candidate
-                val = protocol.validation_rows(model, teacher_embed, store, config)
-            rows = _rows_by_seed(memories[method])
+        if method in REDUCED and val is None:  # the validation day under the teacher's table
+            val = protocol.validation_rows(model, teacher_embed, store, config)
         outs = protocol.run_seeds(
-            method, model, store, config, teacher_embed, rows, seeds, val, rows_pad, embed_opt
+            method,
+            model,
+            store,
+            config,
+            teacher_embed,
+            rows_by_method.get(method),
+            seeds,
+            val,
+            rows_pad,
+            embed_opt,
         )
-        del rows  # a selection's rows are reloaded for its next candidate (one method at a time)
         e = seed_results_entry(method, cand, seeds, outs)
         results_lib.upsert(res, e)
         res.setdefault("candidate_info", {})[f"{method}/{cand.name}"] = [o.info for o in outs]

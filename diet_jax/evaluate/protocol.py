@@ -162,7 +162,7 @@ class LazyRows:
 
 def rows_count(rows) -> int:
     """The number of rows of a {"e", "logits"} dict or a LazyRows (read without loading)."""
-    return rows.n if isinstance(rows, LazyRows) else int(np.asarray(rows["e"]).shape[0])
+    return rows.n if isinstance(rows, LazyRows) else int(rows["e"].shape[0])  # no host copy
 
 
 def _loaded(rows) -> dict:
@@ -335,6 +335,12 @@ def select_lr(grid, val_auc_GxE: np.ndarray) -> int:
     return int(np.argmax(best))
 
 
+def rates_by_rows_auc(rows_auc_G) -> list[int]:
+    """Grid indices from the best rows AUC down (ties: the earlier rate first), the order in
+    which evaluate.lr_select_top keeps rates."""
+    return [int(g) for g in np.argsort(-np.asarray(rows_auc_G, np.float64), kind="stable")]
+
+
 def train_on_rows(
     model: RecModel, params_embed: dict, rows: dict, store: StageStore, config, seed: int
 ):
@@ -349,7 +355,7 @@ def train_on_rows(
     info = {
         "best_epoch": int(out["best_epoch"][0]),
         "val_auc_per_epoch": out["val_auc"][0].tolist(),
-        "rows": int(np.asarray(rows["e"]).shape[0]),
+        "rows": out["rows"],
         "rows_seconds": out["seconds"],
     }
     p, s = group.unstack(out["params"], 0), group.unstack(out["state"], 0)
@@ -726,7 +732,7 @@ def run_seeds(
             # every rate) fine-tuned; the rate whose final model (the one the protocol reports)
             # has the best validation AUC wins, as for the reference methods.
             top = int(ev.get("lr_select_top", 0)) or len(grid)
-            tried = [int(g) for g in np.argsort(-rows_auc, kind="stable")[:top]]
+            tried = rates_by_rows_auc(rows_auc)[:top]
             runs = {g: finish(a, g, len(grid), seeds[0], grid[g], {}) for g in sorted(tried)}
             final_auc = np.full(len(grid), np.nan)
             for g, r in runs.items():
