@@ -8,10 +8,12 @@
 `--vmapped`: the reduced-data candidate training of `train/group.py`: G dense networks of one
 architecture (each its own init and learning rate) trained on `--rows` in-memory (embedding,
 logit) rows at evaluate.rows_batch_size, one epoch per call, as one vmapped jitted group against
-the same G networks one after another (same jitted epoch, unvmapped). Reports samples x models
-per second of both and their ratio; compile and a first call are excluded from both. It also
-prints the ceiling of any batching: the FLOP/s that one member's epoch reaches alone (FLOPs from
-XLA's cost analysis of one step, times the steps) against the FLOP/s of a large square f32
+the same G networks one after another (same jitted epoch, unvmapped), and against those epochs
+on one host thread per core (the other way to use a multi-core CPU, which the protocol does not
+take: docs/evaluation.md, "Members on threads"). Reports samples x models per second of each
+and their ratios to one after another; compile and a first call are excluded from all three. It
+also prints the ceiling of any batching: the FLOP/s that one member's epoch reaches alone (FLOPs
+from XLA's cost analysis of one step, times the steps) against the FLOP/s of a large square f32
 matmul on the same device. Where a member alone already runs near that rate (a compute-bound
 CPU), no vmapping can be faster by more than their ratio.
 
@@ -30,6 +32,7 @@ import json
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -200,6 +203,15 @@ def bench_group(config, fmap: FeatureMap, name: str, sizes: list[int]) -> list[d
         vm_call = functools.partial(vm.epoch, p_G, s_G, o_G, lr_G, e, logits, order_G)
         t_seq = time_calls(lambda i, calls=seq_calls: [c() for c in calls], 1, _EPOCHS.value)
         t_vm = time_calls(lambda i, call=vm_call: call(), 1, _EPOCHS.value)
+        # The members on host threads: the same unvmapped epochs, each finished on its thread
+        # (the GIL is released while a jitted call runs), one thread per core.
+        workers = min(g, len(os.sched_getaffinity(0)))
+        with ThreadPoolExecutor(workers) as ex:
+
+            def threaded(i, calls=seq_calls, ex=ex):
+                return list(ex.map(lambda c: jax.block_until_ready(c()), calls))
+
+            t_thr = time_calls(threaded, 1, _EPOCHS.value)
         work = _EPOCHS.value * n * g
         flops = step_flops(seq, members[0], lrs[0], e, logits, bs)
         steps = _EPOCHS.value * g * (orders[0].shape[0] // bs)
@@ -213,6 +225,9 @@ def bench_group(config, fmap: FeatureMap, name: str, sizes: list[int]) -> list[d
                 "sequential_samples_models_per_s": work / t_seq,
                 "vmapped_samples_models_per_s": work / t_vm,
                 "speedup": t_seq / t_vm,
+                "threads": workers,
+                "threaded_samples_models_per_s": work / t_thr,
+                "threaded_speedup": t_seq / t_thr,
                 "step_flops": flops,
                 "sequential_flops_per_s": seq_flops_per_s,
             }
@@ -221,7 +236,9 @@ def bench_group(config, fmap: FeatureMap, name: str, sizes: list[int]) -> list[d
         print(
             f"{name:9s} G {g:3d}  sequential {r['sequential_samples_models_per_s']:>11,.0f}  "
             f"vmapped {r['vmapped_samples_models_per_s']:>11,.0f} samples x models/s  "
-            f"speed-up {r['speedup']:.2f}x  (load {os.getloadavg()[0]:.1f}, shared CPU)",
+            f"speed-up {r['speedup']:.2f}x  threads x{workers} "
+            f"{r['threaded_samples_models_per_s']:>11,.0f} ({r['threaded_speedup']:.2f}x)  "
+            f"(load {os.getloadavg()[0]:.1f}, shared CPU)",
             flush=True,
         )
     return rows
@@ -252,8 +269,8 @@ def main(argv):
             rows += bench_group(config, fmap, name, sizes)
         peak = matmul_flops_per_s()
         print(
-            "\n| model | G | sequential | vmapped | speed-up | sequential GFLOP/s | of matmul "
-            "rate |\n|---|---:|---:|---:|---:|---:|---:|"
+            "\n| model | G | sequential | vmapped | speed-up | threads | speed-up | sequential "
+            "GFLOP/s | of matmul rate |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
         )
         for r in rows:
             r["matmul_flops_per_s"] = peak
@@ -262,7 +279,8 @@ def main(argv):
             print(
                 f"| {r['model']} | {r['group']} | {r['sequential_samples_models_per_s']:,.0f} | "
                 f"{r['vmapped_samples_models_per_s']:,.0f} | {r['speedup']:.2f}x | "
-                f"{f / 1e9 if f else float('nan'):.1f} | {frac} |"
+                f"{r['threaded_samples_models_per_s']:,.0f} (x{r['threads']}) | "
+                f"{r['threaded_speedup']:.2f}x | {f / 1e9 if f else float('nan'):.1f} | {frac} |"
             )
         print(
             f"(samples x models / s, rows {_ROWS.value}; a 1024^3 f32 matmul runs at "
