@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from typing import Any
@@ -24,21 +25,32 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_to_builtin) + "\n")
+    """Strict JSON (RFC 8259): a NaN or infinite float is written as null (`finite_or_null`),
+    so parsers other than Python's (jq, JavaScript, Go) read every file the project writes."""
+    atomic_write_text(path, dumps(obj, indent=2) + "\n")
+
+
+def dumps(obj: Any, indent: int | None = None) -> str:
+    """json.dumps of `obj` with numpy values as Python ones and non-finite floats as null."""
+    return json.dumps(finite_or_null(obj), indent=indent, sort_keys=False, allow_nan=False)
+
+
+def finite_or_null(x: Any) -> Any:
+    """`x` with numpy scalars and arrays as Python values and NaN / +-inf as None, recursively."""
+    if isinstance(x, dict):
+        return {k: finite_or_null(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite_or_null(v) for v in x]
+    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):  # numpy array or scalar
+        return finite_or_null(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
 
 
 def read_json(path: str) -> Any:
     with open(path) as f:
         return json.load(f)
-
-
-def _to_builtin(x: Any) -> Any:
-    """json.dumps fallback for numpy scalars and arrays."""
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    if hasattr(x, "item"):
-        return x.item()
-    raise TypeError(f"not JSON serializable: {type(x).__name__}")
 
 
 class MetricsWriter:
@@ -59,7 +71,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(record, default=_to_builtin) + "\n")
+            f.write(dumps(record) + "\n")
         if self.tensorboard is not None:
             self.tensorboard.write(record)
 

@@ -12,6 +12,9 @@
 "fidelity_ceiling" (evaluate/fidelity.py `noise_ceiling`): Full Data's agreement with itself,
 each seed's Kendall tau / Spearman against the mean of the other seeds; {} with one seed.
 
+The file is strict JSON: a value with no finite number (a ratio with no historical phase, a
+diverged rate's AUC) is written as null; `read` (and `load_or_new`) give it back as NaN.
+
 Methods: reference (the teacher itself), full_data, cold_start, warmup_start, random, kmeans,
 el2n, diet. "model" is the candidate's name (the base candidates are named after their
 backbones: dcn, dcnv2, finalnet, finalmlp, wukong). A rerun updates entries in place, keyed by
@@ -41,10 +44,26 @@ CANDIDATE_METHODS = tuple(m for m in METHODS if m != "reference")
 FILENAME = "results.json"
 
 
+def read(path: str) -> dict:
+    """A results.json as the run held it: every null (a non-finite float when written, or a
+    rate not fine-tuned) back as NaN, so numeric code reads it as it did the run's own values."""
+    return _null_to_nan(read_json(path))
+
+
+def _null_to_nan(x):
+    if x is None:
+        return float("nan")
+    if isinstance(x, dict):
+        return {k: _null_to_nan(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_null_to_nan(v) for v in x]
+    return x
+
+
 def load_or_new(workdir: str) -> dict:
     path = os.path.join(workdir, FILENAME)
     if os.path.exists(path):
-        res = read_json(path)
+        res = read(path)
         res.setdefault("results", [])
         res.setdefault("fidelity", {})
         res.setdefault("timings", {})

@@ -254,7 +254,9 @@ def run_size(lines: int, root: str, reader_only: bool = False, distill_only: boo
         )
         atomic_write_json(out, phases)
         return phases
-    res = json.load(open(os.path.join(work, "run", "results.json")))
+    from diet_jax import results
+
+    res = results.read(os.path.join(work, "run", "results.json"))
     phases.update(
         lines=lines,
         generate_seconds=gen_s,

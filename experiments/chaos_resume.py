@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import random
 import shutil
@@ -116,7 +115,9 @@ def phase_durations(marks: dict[str, float], end: float) -> dict[str, float]:
 
 def durations_from_results(workdir: str) -> dict[str, float]:
     """Phase seconds of a finished run, estimated from its results.json timings."""
-    t = json.load(open(os.path.join(workdir, "results.json")))["timings"]
+    from diet_jax import results
+
+    t = results.read(os.path.join(workdir, "results.json"))["timings"]
     data = t.get("data_seconds", 1.0)
     teacher = t.get("teacher_train_seconds", 1.0) + 1.0  # and the reference's evaluation
     distill = t.get("distill_seconds", 1.0)
@@ -134,7 +135,9 @@ UNIT_LINE = {
 
 def units_from_results(workdir: str) -> dict[str, int]:
     """Units of work per phase of a finished run: historical stages, candidates."""
-    res = json.load(open(os.path.join(workdir, "results.json")))
+    from diet_jax import results
+
+    res = results.read(os.path.join(workdir, "results.json"))
     stages = sum(s.get("role") == "historical" for s in res.get("stages", []))
     return {
         "teacher": stages,
@@ -182,7 +185,9 @@ def plan(
 
 
 def summary(workdir: str) -> dict:
-    res = json.load(open(os.path.join(workdir, "results.json")))
+    from diet_jax import results
+
+    res = results.read(os.path.join(workdir, "results.json"))
     return {(r["method"], r["model"]): (r["auc"], r["logloss"]) for r in res["results"]}
 
 

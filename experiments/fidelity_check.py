@@ -16,8 +16,9 @@ protocol or distillation setting may be chosen. The test day only reports.
 
 `--replicates=W2[,W3...]`: pools the seeds of replicate runs of the same config with other
 `config.seed` values (each its own teacher, distillation and candidate seeds) with the
-workdir's (`results.merge_replicates`; each run's own `--fill_from` is not applied to them), so
-that every entry has 6 or 9 seeds and the noise ceiling rises.
+workdir's (`results.merge_replicates`), so that every entry has 6 or 9 seeds and the noise
+ceiling rises. `--replicate_fill_from=B2[,B3...]` (one per replicate, '' for none) is `--fill_from`
+for each replicate: a variant rerun of replicate W2 takes the entries it lacks from B2.
 
 `--fill_from=BASE`: for a variant rerun of a copy of run BASE that recomputed some methods only
 (experiments/study_variants.py, table4.py --base): every (method, candidate) entry the workdir
@@ -25,7 +26,6 @@ lacks is BASE's, and the fidelity is recomputed.
 """
 
 import copy
-import json
 import math
 import os
 
@@ -41,6 +41,9 @@ _DAY = flags.DEFINE_enum("day", "test", ["test", "validation"], "The day the AUC
 _REPLICATES = flags.DEFINE_list("replicates", [], "Replicate runs whose seeds are pooled.")
 _FILL_FROM = flags.DEFINE_string(
     "fill_from", None, "A base run whose entries stand in for the methods the workdir lacks."
+)
+_REPLICATE_FILL_FROM = flags.DEFINE_list(
+    "replicate_fill_from", [], "--fill_from for each replicate, in order ('' = none)."
 )
 
 SELECTIONS = ("random", "el2n", "kmeans")
@@ -194,16 +197,22 @@ def fill_from(res: dict, base: dict) -> dict:
 
 def main(_):
     path = os.path.join(_WORKDIR.value, "results.json")
-    with open(path) as f:
-        res = json.load(f)
+    res = results.read(path)
     if _FILL_FROM.value:
-        with open(os.path.join(_FILL_FROM.value, "results.json")) as f:
-            res = fill_from(res, json.load(f))
+        res = fill_from(res, results.read(os.path.join(_FILL_FROM.value, "results.json")))
     if _REPLICATES.value:
+        fills = _REPLICATE_FILL_FROM.value or [""] * len(_REPLICATES.value)
+        if len(fills) != len(_REPLICATES.value):
+            raise SystemExit(
+                f"--replicate_fill_from has {len(fills)} entries for "
+                f"{len(_REPLICATES.value)} replicates."
+            )
         others = []
-        for w in _REPLICATES.value:
-            with open(os.path.join(w, "results.json")) as f:
-                others.append(json.load(f))
+        for w, b in zip(_REPLICATES.value, fills, strict=True):
+            other = results.read(os.path.join(w, "results.json"))
+            if b:
+                other = fill_from(other, results.read(os.path.join(b, "results.json")))
+            others.append(other)
         res = results.merge_replicates([res, *others])
     if _DAY.value == "validation":
         res = on_validation_day(res)  # recomputes the fidelity from the validation AUCs

@@ -25,6 +25,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from diet_jax import results
 from diet_jax.data import prepare
 from diet_jax.evaluate import fidelity, methods, pool, protocol
 from diet_jax.io_utils import atomic_write_json
@@ -109,8 +110,7 @@ def main(argv):
     config.progress = False
     config.evaluate.reference_lr_grid = tuple(float(x) for x in _GRID.value)
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(workdir, "results.json")) as f:
-        res = json.load(f)
+    res = results.read(os.path.join(workdir, "results.json"))
     tuned = _tuned_entries(config, workdir, out)
     names = {e["model"] for e in tuned}
     others = [r for r in res["results"] if r["model"] in names and r["method"] != "reference"]

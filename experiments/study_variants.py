@@ -24,7 +24,6 @@ DIET's seed agreement and the bases on which DIET beats Random. Entries a varian
 (Full Data, Random, ...) are the base run's.
 """
 
-import json
 import os
 import shutil
 import subprocess
@@ -34,6 +33,7 @@ import fidelity_check
 import numpy as np
 from absl import app, flags
 
+from diet_jax import results
 from diet_jax.io_utils import atomic_write_json, atomic_write_text
 
 _BASE = flags.DEFINE_string("base", None, "A finished default run to copy.", required=True)
@@ -49,8 +49,9 @@ _VARIANTS = flags.DEFINE_multi_string("variant", [], "name:key=value;key=value .
 def val_aucs(workdir: str, method: str, model: str) -> list[float]:
     if method not in _METHODS.value:  # not rerun: the base run's entry
         workdir = _BASE.value
-    with open(os.path.join(workdir, "results.json")) as f:
-        info = json.load(f)["candidate_info"][f"{method}/{model}"]
+    info = results.read(os.path.join(workdir, "results.json"))["candidate_info"][
+        f"{method}/{model}"
+    ]
     return [float(np.nanmax(i["val_auc_per_epoch"])) for i in info]
 
 
@@ -61,8 +62,7 @@ def _whole_pool() -> bool:
 def _models(workdir: str) -> list[str]:
     if not _whole_pool():
         return _MODELS.value
-    with open(os.path.join(workdir, "results.json")) as f:
-        rows = json.load(f)["results"]
+    rows = results.read(os.path.join(workdir, "results.json"))["results"]
     return list(dict.fromkeys(r["model"] for r in rows if r["method"] == "diet"))
 
 
@@ -70,11 +70,10 @@ def ranking(workdir: str) -> dict:
     """How DIET ranks the pool on the validation day, against Full Data. Entries of the methods
     the variant did not rerun are read from the base run's results.json (so a variant may start
     from a copy of a base run that was still running)."""
-    with open(os.path.join(_BASE.value, "results.json")) as f:
-        res = json.load(f)
+    res = results.read(os.path.join(_BASE.value, "results.json"))
     if os.path.abspath(workdir) != os.path.abspath(_BASE.value):
-        with open(os.path.join(workdir, "results.json")) as f:
-            mine = [r for r in json.load(f)["results"] if r["method"] in _METHODS.value]
+        rows = results.read(os.path.join(workdir, "results.json"))["results"]
+        mine = [r for r in rows if r["method"] in _METHODS.value]
         res["results"] = [r for r in res["results"] if r["method"] not in _METHODS.value] + mine
     val = fidelity_check.on_validation_day(res)
     card = fidelity_check.scorecard(val)

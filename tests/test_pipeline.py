@@ -8,16 +8,28 @@ import sys
 import jax
 import numpy as np
 
-from diet_jax import pipeline
+from diet_jax import io_utils, pipeline
+from diet_jax import results as results_lib
 from diet_jax.results import METHODS
 from diet_jax.train.reference import checkpoint_dir, teacher_root, train_reference
 from tests.conftest import ROOT, load_config
 
 
+def _strict(name):
+    raise ValueError(f"{name} is not JSON (RFC 8259)")
+
+
 def test_results_json_keeps_the_contract(tiny_run):
     workdir, res = tiny_run
-    on_disk = json.load(open(os.path.join(workdir, "results.json")))
-    assert on_disk == json.loads(json.dumps(res))
+    path = os.path.join(workdir, "results.json")
+    # Strict JSON, as jq or a browser parses it: no NaN / Infinity constants.
+    on_disk = json.loads(open(path).read(), parse_constant=_strict)
+    assert on_disk == json.loads(io_utils.dumps(res))
+    # A ratio with no historical phase is null on disk and NaN again through results.read.
+    assert on_disk["fidelity"]["cold_start"]["cost_ratio_historical"] is None
+    back = results_lib.read(path)
+    assert np.isnan(back["fidelity"]["cold_start"]["cost_ratio_historical"])
+    assert back["results"] == on_disk["results"]  # every finite value as it was
     assert {"dataset", "ratio", "devices", "stages", "results", "fidelity", "timings"} <= set(
         on_disk
     )
@@ -40,7 +52,8 @@ def test_results_json_keeps_the_contract(tiny_run):
     # Clearly better than chance, and no better than the known optimum.
     assert 0.6 < ref[0]["auc"] < on_disk["oracle"]["test"]["auc"]
     assert os.path.exists(os.path.join(workdir, "config.json"))
-    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    lines = [json.loads(line, parse_constant=_strict) for line in open(metrics_path)]
     assert any(line["phase"] == "teacher_stage" for line in lines)
 
 
@@ -102,3 +115,28 @@ def test_cli_overrides_reach_the_run(tmp_path):
         ("reference", "dcn"),
         ("warmup_start", "dcn"),
     }
+
+
+def test_json_files_are_strict_and_read_back_as_written(tmp_path):
+    """Non-finite floats (Python's, numpy's, inside lists and dicts) are written as null; numpy
+    arrays and scalars as Python values; results.read turns every null back into NaN."""
+    res = {
+        "results": [{"auc": np.float32(0.75), "per_epoch": np.array([0.5, np.nan, -np.inf])}],
+        "fidelity": {"cold_start": {"cost_ratio_historical": float("nan"), "n": np.int64(3)}},
+        "timings": {"total_seconds": float("inf")},
+        "label": "NaN",  # a string stays a string
+    }
+    results_lib.save(str(tmp_path), res)
+    text = (tmp_path / "results.json").read_text()
+    on_disk = json.loads(text, parse_constant=_strict)
+    assert on_disk["results"][0] == {"auc": 0.75, "per_epoch": [0.5, None, None]}
+    assert on_disk["fidelity"]["cold_start"] == {"cost_ratio_historical": None, "n": 3}
+    assert on_disk["timings"]["total_seconds"] is None and on_disk["label"] == "NaN"
+    back = results_lib.load_or_new(str(tmp_path))
+    assert back["results"][0]["per_epoch"][0] == 0.5
+    assert np.isnan(back["results"][0]["per_epoch"][1:]).all()
+    assert np.isnan(back["fidelity"]["cold_start"]["cost_ratio_historical"])
+    writer = io_utils.MetricsWriter(str(tmp_path / "w"))
+    writer.write(phase="x", loss=np.float32("nan"))
+    line = open(tmp_path / "w" / "metrics.jsonl").read()
+    assert json.loads(line, parse_constant=_strict) == {"phase": "x", "loss": None}
