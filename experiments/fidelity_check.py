@@ -165,8 +165,7 @@ def markdown(card: dict) -> str:
     for m, p in card["pool"].items():
         f = card["fidelity"].get(m, {})
         ratios = (
-            f"{f.get('cost_ratio_historical', float('nan')):.1f}x / "
-            f"{f.get('cost_ratio_historical_per_epoch', float('nan')):.1f}x"
+            f"{_x(f.get('cost_ratio_historical'))} / {_x(f.get('cost_ratio_historical_per_epoch'))}"
             if f
             else "-"
         )
@@ -174,7 +173,7 @@ def markdown(card: dict) -> str:
         out.append(
             f"| {m} | {p['auc']:.4f} ± {p['auc_err']:.4f} | "
             f"{_ci(f, 'kendall') if f else '-'} | {_ci(f, 'spearman') if f else '-'} | "
-            f"{ratios} | {f.get('cost_ratio_end_to_end', float('nan')):.1f}x | {agree} |"
+            f"{ratios} | {_x(f.get('cost_ratio_end_to_end'))} | {agree} |"
             if f
             else f"| {m} | {p['auc']:.4f} ± {p['auc_err']:.4f} | - | - | - | - | {agree} |"
         )
@@ -184,6 +183,11 @@ def markdown(card: dict) -> str:
     if card["ceiling"]:
         out += ["", *report.ceiling_markdown(card["ceiling"])[:1]]
     return "\n".join(out)
+
+
+def _x(ratio) -> str:
+    """A cost ratio as "12.3x"; "-" where there is none (no historical phase: NaN)."""
+    return "-" if ratio is None or not math.isfinite(ratio) else f"{ratio:.1f}x"
 
 
 def fill_from(res: dict, base: dict) -> dict:
