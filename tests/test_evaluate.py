@@ -568,3 +568,50 @@ def test_lr_select_top_script_ranks_the_full_search_choice_by_the_rows_auc():
     info["diet/a"][0]["lr_grid_final_val_auc"][1] = None
     with pytest.raises(SystemExit, match="diet/a: some rates were not fine-tuned"):
         script.choice_ranks(info)
+
+
+def test_fidelity_check_pools_a_variant_replicate_filled_from_its_base(tiny_run, tmp_path):
+    """experiments/fidelity_check.py --replicates with --replicate_fill_from: a replicate that
+    reran some methods only takes the entries it lacks from its base run, and every entry then
+    pools both runs' seeds; a count mismatch is a clear error."""
+    import json
+    import subprocess
+    import sys
+
+    from diet_jax import results as results_lib
+
+    workdir, _ = tiny_run
+    res = results_lib.read(os.path.join(workdir, "results.json"))
+
+    def reseeded(keep):  # the same run as if made with config.seed = 1 (seed 0 -> 1)
+        out = json.loads(json.dumps(res))
+        out["results"] = [r for r in out["results"] if keep(r["method"])]
+        for r in out["results"]:
+            for p in r.get("per_seed", []):
+                p["seed"] = 1
+            if "seeds" in r:
+                r["seeds"] = [1]
+        return out
+
+    base, variant = tmp_path / "base", tmp_path / "variant"
+    results_lib.save(str(base), reseeded(lambda m: True))
+    results_lib.save(str(variant), reseeded(lambda m: m in ("random", "diet")))
+    script = os.path.join(ROOT, "experiments", "fidelity_check.py")
+    out = tmp_path / "card.json"
+    cmd = [sys.executable, script, f"--workdir={workdir}", f"--replicates={variant}"]
+    done = subprocess.run(
+        [*cmd, f"--replicate_fill_from={base}", f"--json_out={out}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    card = json.loads(out.read_text())
+    assert card["seeds"] == [2]  # every entry: seed 0 from the run, seed 1 from the replicate
+    assert {"full_data", "random", "diet", "kmeans"} <= set(card["pool"])  # filled from base
+    # Cold Start has no historical phase: no ratio, printed as "-", not "nanx".
+    assert "nanx" not in done.stdout and "| cold_start |" in done.stdout
+    bad = subprocess.run(
+        [*cmd, f"--replicate_fill_from={base},{base}"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert bad.returncode != 0 and "2 entries for 1 replicates" in bad.stderr
