@@ -41,7 +41,7 @@ def finite_or_null(x: Any) -> Any:
         return {k: finite_or_null(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [finite_or_null(v) for v in x]
-    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):  # numpy array or scalar
+    if hasattr(x, "tolist"):  # a numpy (or JAX) array or scalar
         return finite_or_null(x.tolist())
     if isinstance(x, float) and not math.isfinite(x):
         return None

@@ -39,6 +39,8 @@ import threading
 import time
 from typing import NamedTuple
 
+from diet_jax import results
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHASES = ("data", "teacher", "distill", "candidates")
 
@@ -115,8 +117,6 @@ def phase_durations(marks: dict[str, float], end: float) -> dict[str, float]:
 
 def durations_from_results(workdir: str) -> dict[str, float]:
     """Phase seconds of a finished run, estimated from its results.json timings."""
-    from diet_jax import results
-
     t = results.read(os.path.join(workdir, "results.json"))["timings"]
     data = t.get("data_seconds", 1.0)
     teacher = t.get("teacher_train_seconds", 1.0) + 1.0  # and the reference's evaluation
@@ -135,8 +135,6 @@ UNIT_LINE = {
 
 def units_from_results(workdir: str) -> dict[str, int]:
     """Units of work per phase of a finished run: historical stages, candidates."""
-    from diet_jax import results
-
     res = results.read(os.path.join(workdir, "results.json"))
     stages = sum(s.get("role") == "historical" for s in res.get("stages", []))
     return {
@@ -185,8 +183,6 @@ def plan(
 
 
 def summary(workdir: str) -> dict:
-    from diet_jax import results
-
     res = results.read(os.path.join(workdir, "results.json"))
     return {(r["method"], r["model"]): (r["auc"], r["logloss"]) for r in res["results"]}
 

@@ -199,11 +199,14 @@ def fill_from(res: dict, base: dict) -> dict:
     return res
 
 
+def read_filled(workdir: str, base: str | None = None) -> dict:
+    """`workdir`'s results, with the entries it lacks from run `base` when one is given."""
+    res = results.read(os.path.join(workdir, "results.json"))
+    return fill_from(res, results.read(os.path.join(base, "results.json"))) if base else res
+
+
 def main(_):
-    path = os.path.join(_WORKDIR.value, "results.json")
-    res = results.read(path)
-    if _FILL_FROM.value:
-        res = fill_from(res, results.read(os.path.join(_FILL_FROM.value, "results.json")))
+    res = read_filled(_WORKDIR.value, _FILL_FROM.value)
     if _REPLICATES.value:
         fills = _REPLICATE_FILL_FROM.value or [""] * len(_REPLICATES.value)
         if len(fills) != len(_REPLICATES.value):
@@ -211,12 +214,7 @@ def main(_):
                 f"--replicate_fill_from has {len(fills)} entries for "
                 f"{len(_REPLICATES.value)} replicates."
             )
-        others = []
-        for w, b in zip(_REPLICATES.value, fills, strict=True):
-            other = results.read(os.path.join(w, "results.json"))
-            if b:
-                other = fill_from(other, results.read(os.path.join(b, "results.json")))
-            others.append(other)
+        others = [read_filled(w, b) for w, b in zip(_REPLICATES.value, fills, strict=True)]
         res = results.merge_replicates([res, *others])
     if _DAY.value == "validation":
         res = on_validation_day(res)  # recomputes the fidelity from the validation AUCs

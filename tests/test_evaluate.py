@@ -574,6 +574,7 @@ def test_fidelity_check_pools_a_variant_replicate_filled_from_its_base(tiny_run,
     """experiments/fidelity_check.py --replicates with --replicate_fill_from: a replicate that
     reran some methods only takes the entries it lacks from its base run, and every entry then
     pools both runs' seeds; a count mismatch is a clear error."""
+    import copy
     import json
     import subprocess
     import sys
@@ -584,7 +585,7 @@ def test_fidelity_check_pools_a_variant_replicate_filled_from_its_base(tiny_run,
     res = results_lib.read(os.path.join(workdir, "results.json"))
 
     def reseeded(keep):  # the same run as if made with config.seed = 1 (seed 0 -> 1)
-        out = json.loads(json.dumps(res))
+        out = copy.deepcopy(res)
         out["results"] = [r for r in out["results"] if keep(r["method"])]
         for r in out["results"]:
             for p in r.get("per_seed", []):
