@@ -23,6 +23,7 @@ backbones: dcn, dcnv2, finalnet, finalmlp, wukong). A rerun updates entries in p
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
@@ -172,6 +173,22 @@ def merge_replicates(runs: list[dict]) -> dict:
     out = {k: v for k, v in runs[0].items() if k not in ("results", "fidelity")}
     out["results"], out["fidelity"] = merged, {}
     return out
+
+
+def fill_from(res: dict, base: dict) -> dict:
+    """`res` with the (method, model) entries it lacks taken from `base`: a variant rerun of a
+    copy of run `base` that recomputed some methods only. Its `fidelity` is then stale:
+    recompute it over the filled entries (evaluate.fidelity.fidelity_table)."""
+    res = copy.deepcopy(res)
+    own = {(r["method"], r["model"]) for r in res["results"]}
+    res["results"] += [r for r in base["results"] if (r["method"], r["model"]) not in own]
+    return res
+
+
+def read_filled(workdir: str, base: str | None = None) -> dict:
+    """`workdir`'s results.json, with the entries it lacks from run `base`'s when one is given."""
+    res = read(os.path.join(workdir, FILENAME))
+    return fill_from(res, read(os.path.join(base, FILENAME))) if base else res
 
 
 def upsert(res: dict, e: dict) -> None:

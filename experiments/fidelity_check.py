@@ -25,9 +25,7 @@ for each replicate: a variant rerun of replicate W2 takes the entries it lacks f
 lacks is BASE's, and the fidelity is recomputed.
 """
 
-import copy
 import math
-import os
 
 from absl import app, flags
 
@@ -47,27 +45,6 @@ _REPLICATE_FILL_FROM = flags.DEFINE_list(
 )
 
 SELECTIONS = ("random", "el2n", "kmeans")
-
-
-def on_validation_day(res: dict, bootstrap: int = 1000) -> dict:
-    """`res` with every entry's AUCs (seed mean, std, per seed) replaced by the final models'
-    validation AUCs, and its fidelity recomputed from them."""
-    res = copy.deepcopy(res)
-    rows = [r for r in res["results"] if r["method"] != "reference"]
-    missing = [f"{r['method']}/{r['model']}" for r in rows if "val_auc" not in r["per_seed"][0]]
-    if missing:
-        raise ValueError(
-            f"No validation AUC in {len(missing)} entries (e.g. {missing[0]}): results.json "
-            "predates per_seed val_auc; rerun those entries (evaluate.rerun=True)."
-        )
-    for r in rows:
-        for p in r["per_seed"]:
-            p["auc"] = p["val_auc"]
-        aucs = [p["auc"] for p in r["per_seed"]]
-        r["auc"], r["auc_std"] = fidelity.seed_stats(aucs)
-    res["results"] = rows
-    res["fidelity"] = fidelity.fidelity_table(rows, bootstrap=bootstrap)
-    return res
 
 
 def scorecard(res: dict) -> dict:
@@ -190,23 +167,8 @@ def _x(ratio) -> str:
     return "-" if ratio is None or not math.isfinite(ratio) else f"{ratio:.1f}x"
 
 
-def fill_from(res: dict, base: dict) -> dict:
-    """`res` with the (method, model) entries it lacks taken from `base` (its fidelity is then
-    stale: main recomputes it once, after every merge)."""
-    res = copy.deepcopy(res)
-    own = {(r["method"], r["model"]) for r in res["results"]}
-    res["results"] += [r for r in base["results"] if (r["method"], r["model"]) not in own]
-    return res
-
-
-def read_filled(workdir: str, base: str | None = None) -> dict:
-    """`workdir`'s results, with the entries it lacks from run `base` when one is given."""
-    res = results.read(os.path.join(workdir, "results.json"))
-    return fill_from(res, results.read(os.path.join(base, "results.json"))) if base else res
-
-
 def main(_):
-    res = read_filled(_WORKDIR.value, _FILL_FROM.value)
+    res = results.read_filled(_WORKDIR.value, _FILL_FROM.value)
     if _REPLICATES.value:
         fills = _REPLICATE_FILL_FROM.value or [""] * len(_REPLICATES.value)
         if len(fills) != len(_REPLICATES.value):
@@ -214,10 +176,10 @@ def main(_):
                 f"--replicate_fill_from has {len(fills)} entries for "
                 f"{len(_REPLICATES.value)} replicates."
             )
-        others = [read_filled(w, b) for w, b in zip(_REPLICATES.value, fills, strict=True)]
+        others = [results.read_filled(w, b) for w, b in zip(_REPLICATES.value, fills, strict=True)]
         res = results.merge_replicates([res, *others])
     if _DAY.value == "validation":
-        res = on_validation_day(res)  # recomputes the fidelity from the validation AUCs
+        res = fidelity.on_validation_day(res)  # recomputes the fidelity from the validation AUCs
     elif _FILL_FROM.value or _REPLICATES.value:
         rows = [r for r in res["results"] if r["method"] != "reference"]
         res["fidelity"] = fidelity.fidelity_table(rows, bootstrap=1000)

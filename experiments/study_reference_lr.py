@@ -2,14 +2,17 @@
 
     nice -n 10 python experiments/study_reference_lr.py --workdir=runs/synthetic \
         --out=/tmp/study_reference_lr
+    python experiments/study_reference_lr.py --workdir=R/final3 --fill_from=runs/synthetic \
+        --grid=1e-3,3e-3,1e-2,2e-2 --out=/tmp/study_reference_lr_final3
 
-The default protocol trains Full Data at train.learning_rate (1e-3) while every reduced method
+The default protocol trains Full Data at train.learning_rate (1e-2) while every reduced method
 picks its rate from evaluate.lr_grid on validation (docs/evaluation.md, deviation 2); the paper
 tunes every model (5.1.4). This script reruns Full Data over the pool of a finished run with
 evaluate.reference_lr_grid (the paper's grid by default; the rate chosen on the validation day,
 first seed, as the reduced methods'), reusing the run's stage store and teacher, and recomputes
 every method's Kendall tau and Spearman (with their bootstrap intervals) against it, next to the
-run's own figures against the untuned Full Data. The run's results.json is only read.
+run's own figures against the untuned Full Data, on the test day and on the validation day (the
+final models' validation AUCs). The run's results.json is only read.
 
 Writes <out>/full_data_tuned.jsonl (one entry per candidate; a rerun resumes) and
 <out>/summary.json; prints a markdown table. The test day enters only as the reported AUCs,
@@ -45,6 +48,12 @@ _GRID = flags.DEFINE_list(
     "grid", ["1e-4", "3e-4", "1e-3", "3e-3", "1e-2", "2e-2"], "Full Data's learning rates."
 )
 _MODELS = flags.DEFINE_list("models", [], "Candidates to rerun (default: the whole pool).")
+_FILL_FROM = flags.DEFINE_string(
+    "fill_from",
+    None,
+    "For a variant rerun of a copy of run BASE (study_variants.py): the run whose entries stand "
+    "in for the methods --workdir lacks (Full Data, Cold and Warmup Start).",
+)
 
 TUNED, UNTUNED = "full_data", "full_data_lr_fixed"
 
@@ -103,6 +112,20 @@ def _table(fid: dict, ceiling: dict) -> list[str]:
     return lines
 
 
+def _fidelity_both_ways(others: list[dict], tuned: list[dict], bootstrap: int) -> dict:
+    """Every method's rank correlations against the run's Full Data ("before") and against the
+    tuned one ("after"; the run's own becomes the method full_data_lr_fixed), with the noise
+    ceiling of each reference."""
+    renamed = [dict(r, method=UNTUNED) if r["method"] == TUNED else r for r in others]
+    after_results = renamed + tuned
+    return {
+        "before": fidelity.fidelity_table(others, bootstrap=bootstrap),
+        "before_ceiling": fidelity.noise_ceiling(others),
+        "after": fidelity.fidelity_table(after_results, bootstrap=bootstrap),
+        "after_ceiling": fidelity.noise_ceiling(after_results),
+    }
+
+
 def main(argv):
     del argv
     config = _CONFIG.value.copy_and_resolve_references()
@@ -110,34 +133,34 @@ def main(argv):
     config.progress = False
     config.evaluate.reference_lr_grid = tuple(float(x) for x in _GRID.value)
     os.makedirs(out, exist_ok=True)
-    res = results.read(os.path.join(workdir, "results.json"))
+    res = results.read_filled(workdir, _FILL_FROM.value)
     tuned = _tuned_entries(config, workdir, out)
     names = {e["model"] for e in tuned}
     others = [r for r in res["results"] if r["model"] in names and r["method"] != "reference"]
-    # Before: the run's own figures (Full Data at train.learning_rate).
-    before = fidelity.fidelity_table(others, bootstrap=int(config.evaluate.bootstrap))
-    before_ceiling = fidelity.noise_ceiling(others)
-    # After: every method against the tuned Full Data; the untuned one is a method of its own.
-    renamed = [dict(r, method=UNTUNED) if r["method"] == TUNED else r for r in others]
-    after_results = renamed + tuned
-    after = fidelity.fidelity_table(after_results, bootstrap=int(config.evaluate.bootstrap))
-    after_ceiling = fidelity.noise_ceiling(after_results)
+    bootstrap = int(config.evaluate.bootstrap)
+    test = _fidelity_both_ways(others, tuned, bootstrap)
+    # The validation day (the final models' validation AUCs): the day a protocol choice, such as
+    # tuning Full Data's rate by default, may be made on; the test day only reports.
+    val = _fidelity_both_ways(
+        fidelity.on_validation_day({"results": others}, bootstrap=0)["results"],
+        fidelity.on_validation_day({"results": tuned}, bootstrap=0)["results"],
+        bootstrap,
+    )
     chosen = {e["model"]: e["per_seed"][0]["lr"] for e in tuned}
     summary = {
         "grid": list(config.evaluate.reference_lr_grid),
         "chosen_lr": chosen,
         "full_data_tuned": {e["model"]: [e["auc"], e["auc_std"]] for e in tuned},
-        "before": before,
-        "before_ceiling": before_ceiling,
-        "after": after,
-        "after_ceiling": after_ceiling,
+        **test,
+        "validation": val,
     }
     atomic_write_json(os.path.join(out, "summary.json"), summary)
     print("Chosen Full Data rates:", ", ".join(f"{m} {lr:g}" for m, lr in chosen.items()))
-    print("\n## Against Full Data at train.learning_rate (the run's own)\n")
-    print("\n".join(_table(before, before_ceiling)))
-    print("\n## Against Full Data with the LR grid (chosen on validation)\n")
-    print("\n".join(_table(after, after_ceiling)))
+    for day, figs in (("test", test), ("validation", val)):
+        print(f"\n## {day} day: against Full Data at train.learning_rate (the run's own)\n")
+        print("\n".join(_table(figs["before"], figs["before_ceiling"])))
+        print(f"\n## {day} day: against Full Data with the LR grid (chosen on validation)\n")
+        print("\n".join(_table(figs["after"], figs["after_ceiling"])))
 
 
 if __name__ == "__main__":

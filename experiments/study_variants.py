@@ -18,7 +18,7 @@ DIET - Random per model (mean and std over seeds, paired by seed) and writes
 `<root>/variants.json`.
 
 With `--models=all` it also prints how each variant (and the base run, as `base`) ranks the
-pool on the validation day (`fidelity_check.on_validation_day`: every entry's final model after
+pool on the validation day (`fidelity.on_validation_day`: every entry's final model after
 the fine-tune): DIET's pool-mean AUC, Kendall tau against Full Data with its bootstrap interval,
 DIET's seed agreement and the bases on which DIET beats Random. Entries a variant did not rerun
 (Full Data, Random, ...) are the base run's.
@@ -34,6 +34,7 @@ import numpy as np
 from absl import app, flags
 
 from diet_jax import results
+from diet_jax.evaluate import fidelity
 from diet_jax.io_utils import atomic_write_json, atomic_write_text
 
 _BASE = flags.DEFINE_string("base", None, "A finished default run to copy.", required=True)
@@ -75,7 +76,7 @@ def ranking(workdir: str) -> dict:
         rows = results.read(os.path.join(workdir, "results.json"))["results"]
         mine = [r for r in rows if r["method"] in _METHODS.value]
         res["results"] = [r for r in res["results"] if r["method"] not in _METHODS.value] + mine
-    val = fidelity_check.on_validation_day(res)
+    val = fidelity.on_validation_day(res)
     card = fidelity_check.scorecard(val)
     fid, wins = card["fidelity"], card["per_backbone"]
     diet_BxS = np.asarray(

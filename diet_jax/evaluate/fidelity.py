@@ -8,6 +8,8 @@ historical phase only; distillation and selection are excluded and reported sepa
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 
@@ -205,3 +207,24 @@ def seed_agreement(results: list[dict], method: str) -> dict:
 def noise_ceiling(results: list[dict], reference_method: str = "full_data") -> dict:
     """`seed_agreement` of the reference method: Full Data's agreement with itself."""
     return seed_agreement(results, reference_method)
+
+
+def on_validation_day(res: dict, bootstrap: int = 1000) -> dict:
+    """`res` with every entry's AUCs (seed mean, std, per seed) replaced by the final models'
+    validation AUCs, and its fidelity recomputed from them."""
+    res = copy.deepcopy(res)
+    rows = [r for r in res["results"] if r["method"] != "reference"]
+    missing = [f"{r['method']}/{r['model']}" for r in rows if "val_auc" not in r["per_seed"][0]]
+    if missing:
+        raise ValueError(
+            f"No validation AUC in {len(missing)} entries (e.g. {missing[0]}): results.json "
+            "predates per_seed val_auc; rerun those entries (evaluate.rerun=True)."
+        )
+    for r in rows:
+        for p in r["per_seed"]:
+            p["auc"] = p["val_auc"]
+        aucs = [p["auc"] for p in r["per_seed"]]
+        r["auc"], r["auc_std"] = seed_stats(aucs)
+    res["results"] = rows
+    res["fidelity"] = fidelity_table(rows, bootstrap=bootstrap)
+    return res
