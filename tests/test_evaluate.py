@@ -361,6 +361,21 @@ def test_tiny_run_covers_the_pool_with_seed_keys_and_both_cost_ratios(tiny_run):
     assert os.path.exists(os.path.join(workdir, "figure1.png"))
 
 
+def _count_test_scorings(monkeypatch) -> list:
+    """A list that gets one item each time the protocol scores a model on the test day."""
+    from diet_jax.evaluate import protocol
+
+    seen, real = [], protocol.loop.evaluate
+
+    def spy(predict_step, params, model_state, stage, *args, **kw):
+        if stage.name == "test":
+            seen.append(stage.name)
+        return real(predict_step, params, model_state, stage, *args, **kw)
+
+    monkeypatch.setattr(protocol.loop, "evaluate", spy)
+    return seen
+
+
 def test_reference_lr_grid_picks_the_best_validation_rate(tiny_reference, monkeypatch):
     """evaluate.reference_lr_grid: Cold Start's rate is the argmax of the final models'
     validation AUCs on the first seed; that run is the first seed's result, and the other seeds
@@ -377,10 +392,11 @@ def test_reference_lr_grid_picks_the_best_validation_rate(tiny_reference, monkey
 
     def spy(method, model, store, config, embed, seed, *args, **kw):
         r = real(method, model, store, config, embed, seed, *args, **kw)
-        calls.append((seed, r.info["lr"], r.info.get("val_auc"), r.metrics["auc"]))
+        calls.append((seed, r.info["lr"], r.info.get("val_auc"), r.metrics))
         return r
 
     monkeypatch.setattr(protocol, "_reference_run", spy)
+    tested = _count_test_scorings(monkeypatch)
     outs = protocol.run_seeds(
         "cold_start", model, store, config, ref.final.params["embed"], None, [0, 1]
     )
@@ -389,7 +405,9 @@ def test_reference_lr_grid_picks_the_best_validation_rate(tiny_reference, monkey
     best = int(np.argmax([c[2] for c in grid_runs]))
     chosen = grid_runs[best][1]
     assert outs[0].info["lr"] == chosen and outs[1].info["lr"] == chosen
-    assert outs[0].metrics["auc"] == grid_runs[best][3]  # the grid's run, not a retrain
+    # The grid's runs are tested later, and only the chosen one: one test scoring a seed.
+    assert all(callable(c[3]) for c in grid_runs) and len(tested) == 2
+    assert outs[0].metrics["auc"] == grid_runs[best][3]()["auc"]  # the grid's run, not a retrain
     assert outs[0].info["lr_grid_val_auc"] == [c[2] for c in grid_runs]
     assert [c[:2] for c in calls[2:]] == [(1, chosen)]  # seed 1 once, at the chosen rate
     # The two rates really differ (else the test could not tell a wrong choice).
@@ -415,7 +433,8 @@ def test_lr_select_final_picks_the_best_fine_tuned_rate(tiny_reference, monkeypa
 
     def spy(model, params, state, store, config, seed, *args, timings, **kw):
         r = real(model, params, state, store, config, seed, *args, timings=timings, **kw)
-        calls.append((seed, timings["validation"]["auc"], r[0]["auc"]))
+        test = r[0] if isinstance(r[0], dict) else r[0]()  # a tried rate is tested on demand
+        calls.append((seed, timings["validation"]["auc"], test["auc"]))
         return r
 
     monkeypatch.setattr(protocol, "finetune_and_test", spy)
@@ -456,11 +475,13 @@ def test_lr_select_top_fine_tunes_only_the_best_rows_rates(tiny_reference, monke
         return r
 
     monkeypatch.setattr(protocol, "finetune_and_test", spy)
+    tested = _count_test_scorings(monkeypatch)
     out = protocol.run_seeds("random", model, store, config, embed, {0: rows}, [0])[0]
     rows_auc = np.asarray(out.info["lr_grid_val_auc"])
     final = out.info["lr_grid_final_val_auc"]
     skipped = int(np.argmin(rows_auc))
     assert len(tuned) == 2 and final[skipped] is None
+    assert len(tested) == 1  # two rates fine-tuned, only the chosen one tested
     assert sorted(x for x in final if x is not None) == sorted(tuned)
     best = int(np.nanargmax([np.nan if x is None else x for x in final]))
     assert out.info["lr"] == config.evaluate.lr_grid[best] and out.info["val_auc"] == final[best]

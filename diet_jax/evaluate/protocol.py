@@ -439,6 +439,7 @@ def finetune_and_test(
     timings: dict | None = None,
     embed_opt=None,
     dense_adam=None,
+    score_test: bool = True,
 ):
     """One epoch per stage in `stages` (names, in order) on the whole model, then test metrics.
 
@@ -449,7 +450,9 @@ def finetune_and_test(
     `embed_opt`: the row-optimizer state the table's updates continue from (the teacher's,
     `inherited_embed_opt`); None = a fresh one. `dense_adam`: an optax.ScaleByAdamState of the
     dense parameters (the rows phase's, at its best epoch) that the dense network's Adam
-    continues from; None = fresh moments.
+    continues from; None = fresh moments. `score_test=False`: the first value returned is
+    instead a function that scores the test day, so that a rate tried and not chosen is never
+    tested.
     """
     trainer = _trainer(model, config.train)
     train_state = trainer.init(_copy(params), _copy(state))
@@ -523,7 +526,8 @@ def finetune_and_test(
             sharding=rows,
         )
 
-    test = score(store.stages("test")[0])
+    test_stage = store.stages("test")[0]
+    test = score(test_stage) if score_test else functools.partial(score, test_stage)
     if timings is not None:
         timings["stage_seconds"] = per_stage
         timings["timed_compiles"] = compiles
@@ -555,8 +559,10 @@ def _reference_run(
     historical,
     lr,
     embed_opt,
+    score_test: bool = True,
 ) -> CandidateResult:
-    """One seed of a reference method at Adam step `lr`: one epoch per stage in `stages`."""
+    """One seed of a reference method at Adam step `lr`: one epoch per stage in `stages`.
+    `score_test=False`: its metrics are a function that scores the test day (`_tested`)."""
     if method == "warmup_start":
         params_dense, state = init_dense(model, seed)
         params = {"embed": teacher_embed, "dense": params_dense}
@@ -573,6 +579,7 @@ def _reference_run(
         stages,
         timings=t,
         embed_opt=embed_opt if method == "warmup_start" else None,
+        score_test=score_test,
     )
     hist = sum(t["stage_seconds"].get(s, 0.0) for s in historical)
     info = {
@@ -630,7 +637,7 @@ def run_seeds(
         stages = historical + subsequent if method == "full_data" else subsequent
         ref_grid = [float(lr) for lr in ev.reference_lr_grid]
 
-        def one(seed, lr):
+        def one(seed, lr, score_test=True):
             return _reference_run(
                 method,
                 model,
@@ -642,13 +649,14 @@ def run_seeds(
                 historical,
                 lr,
                 embed_opt,
+                score_test,
             )
 
         by_seed, search = {}, {}
         if ref_grid:
             # The paper's protocol (5.1.4) for every model: the rate chosen on validation, on
             # the first seed (as the reduced methods'); the chosen run is that seed's result.
-            runs = [one(seeds[0], lr) for lr in ref_grid]
+            runs = [one(seeds[0], lr, score_test=False) for lr in ref_grid]
             val_auc = [r.info["val_auc"] for r in runs]
             chosen = select_lr(ref_grid, np.asarray(val_auc)[:, None])
             lr = ref_grid[chosen]
@@ -657,7 +665,7 @@ def run_seeds(
                 "lr_grid_val_auc": val_auc,
                 "lr_search_seconds": sum(r.train_seconds for r in runs),
             }
-            by_seed[seeds[0]] = runs[chosen]
+            by_seed[seeds[0]] = _tested(runs[chosen])
         else:
             lr = float(config.train.learning_rate)
         for seed in seeds:
@@ -671,9 +679,11 @@ def run_seeds(
         raise ValueError(f"Method {method!r} needs its rows (embeddings and soft labels).")
     val = val if val is not None else validation_rows(model, teacher_embed, store, config)
 
-    def finish(res, g: int, size: int, seed: int, lr: float, search: dict) -> CandidateResult:
+    def finish(
+        res, g: int, size: int, seed: int, lr: float, search: dict, score_test: bool = True
+    ) -> CandidateResult:
         """Member g of a trained rows group: its best epoch fine-tuned on the subsequent block
-        and tested."""
+        and tested (`score_test=False`: later, by `_tested`)."""
         share = res["seconds"] / size  # one member's share of its vmapped group
         params = {"embed": teacher_embed, "dense": group.unstack(res["params"], g)}
         t: dict = {}
@@ -694,6 +704,7 @@ def run_seeds(
             timings=t,
             embed_opt=embed_opt,
             dense_adam=ft_adam,
+            score_test=score_test,
         )
         info = {
             "seed": seed,
@@ -733,7 +744,10 @@ def run_seeds(
             # has the best validation AUC wins, as for the reference methods.
             top = int(ev.get("lr_select_top", 0)) or len(grid)
             tried = rates_by_rows_auc(rows_auc)[:top]
-            runs = {g: finish(a, g, len(grid), seeds[0], grid[g], {}) for g in sorted(tried)}
+            runs = {
+                g: finish(a, g, len(grid), seeds[0], grid[g], {}, score_test=False)
+                for g in sorted(tried)
+            }
             final_auc = np.full(len(grid), np.nan)
             for g, r in runs.items():
                 final_auc[g] = r.info["val_auc"]
@@ -744,8 +758,8 @@ def run_seeds(
             search["lr_search_seconds"] += sum(
                 r.info["finetune_seconds"] for g, r in runs.items() if g != chosen
             )
-            finished[seeds[0]] = runs[chosen]
-            runs[chosen].info.update(search)
+            finished[seeds[0]] = _tested(runs[chosen])
+            finished[seeds[0]].info.update(search)
         else:
             chosen = select_lr(grid, a["val_auc"])
         lr = grid[chosen]
@@ -772,6 +786,14 @@ def run_seeds(
         res, g, size = members[seed]
         out.append(finish(res, g, size, seed, lr, search))
     return out
+
+
+def _tested(run: CandidateResult) -> CandidateResult:
+    """A run fine-tuned with score_test=False, now scored on the test day: only the chosen rate
+    of a learning-rate search is (the others' test AUCs would be read by nobody)."""
+    if callable(run.metrics):
+        run = dataclasses.replace(run, metrics=run.metrics())
+    return run
 
 
 def run_candidate(
