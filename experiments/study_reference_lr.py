@@ -14,8 +14,10 @@ every method's Kendall tau and Spearman (with their bootstrap intervals) against
 run's own figures against the untuned Full Data, on the test day and on the validation day (the
 final models' validation AUCs). The run's results.json is only read.
 
-Writes <out>/full_data_tuned.jsonl (one entry per candidate; a rerun resumes) and
-<out>/summary.json; prints a markdown table. The test day enters only as the reported AUCs,
+Writes <out>/full_data_tuned.jsonl (one entry per candidate; a rerun resumes), <out>/summary.json
+and <out>/results.json (the run's results with the tuned Full Data as `full_data` and the run's
+own as `full_data_lr_fixed`: `experiments/fidelity_check.py --workdir=<out>` scores it, and
+`--replicates=<out2>,<out3>` pools the studies of replicate runs); prints a markdown table. The test day enters only as the reported AUCs,
 exactly as in the run itself: the rate is chosen on validation.
 """
 
@@ -112,12 +114,16 @@ def _table(fid: dict, ceiling: dict) -> list[str]:
     return lines
 
 
+def _against_tuned(others: list[dict], tuned: list[dict]) -> list[dict]:
+    """The run's entries with the tuned Full Data as full_data, the run's own renamed."""
+    return [dict(r, method=UNTUNED) if r["method"] == TUNED else r for r in others] + tuned
+
+
 def _fidelity_both_ways(others: list[dict], tuned: list[dict], bootstrap: int) -> dict:
     """Every method's rank correlations against the run's Full Data ("before") and against the
     tuned one ("after"; the run's own becomes the method full_data_lr_fixed), with the noise
     ceiling of each reference."""
-    renamed = [dict(r, method=UNTUNED) if r["method"] == TUNED else r for r in others]
-    after_results = renamed + tuned
+    after_results = _against_tuned(others, tuned)
     return {
         "before": fidelity.fidelity_table(others, bootstrap=bootstrap),
         "before_ceiling": fidelity.noise_ceiling(others),
@@ -155,6 +161,11 @@ def main(argv):
         "validation": val,
     }
     atomic_write_json(os.path.join(out, "summary.json"), summary)
+    # The run's results with the tuned Full Data as full_data (the run's own renamed), so that
+    # experiments/fidelity_check.py --workdir=<out> scores it and pools replicates' studies.
+    ref_rows = [r for r in res["results"] if r["method"] == "reference"]
+    filled = ref_rows + _against_tuned(others, tuned)
+    results.save(out, {**res, "results": filled, "fidelity": test["after"]})
     print("Chosen Full Data rates:", ", ".join(f"{m} {lr:g}" for m, lr in chosen.items()))
     for day, figs in (("test", test), ("validation", val)):
         print(f"\n## {day} day: against Full Data at train.learning_rate (the run's own)\n")
