@@ -15,8 +15,8 @@ run's own figures against the untuned Full Data, on the test day and on the vali
 final models' validation AUCs). The run's results.json is only read.
 
 Writes <out>/full_data_tuned.jsonl (one entry per candidate; a rerun resumes), <out>/summary.json
-and <out>/results.json (the run's results with the tuned Full Data as `full_data` and the run's
-own as `full_data_lr_fixed`: `experiments/fidelity_check.py --workdir=<out>` scores it, and
+and <out>/results.json (the run's results with the tuned Full Data as `full_data`:
+`experiments/fidelity_check.py --workdir=<out>` scores it, and
 `--replicates=<out2>,<out3>` pools the studies of replicate runs); prints a markdown table. The test day enters only as the reported AUCs,
 exactly as in the run itself: the rate is chosen on validation.
 """
@@ -161,11 +161,12 @@ def main(argv):
         "validation": val,
     }
     atomic_write_json(os.path.join(out, "summary.json"), summary)
-    # The run's results with the tuned Full Data as full_data (the run's own renamed), so that
-    # experiments/fidelity_check.py --workdir=<out> scores it and pools replicates' studies.
-    ref_rows = [r for r in res["results"] if r["method"] == "reference"]
-    filled = ref_rows + _against_tuned(others, tuned)
-    results.save(out, {**res, "results": filled, "fidelity": test["after"]})
+    # The run's results with the tuned Full Data as full_data (the run's own is left out: not a
+    # method of results.json), so that experiments/fidelity_check.py --workdir=<out> scores it
+    # and pools replicates' studies.
+    kept = [r for r in res["results"] if r["method"] == "reference"]
+    kept += [r for r in others if r["method"] != TUNED]
+    results.save(out, {**res, "results": kept + tuned, "fidelity": {}})
     print("Chosen Full Data rates:", ", ".join(f"{m} {lr:g}" for m, lr in chosen.items()))
     for day, figs in (("test", test), ("validation", val)):
         print(f"\n## {day} day: against Full Data at train.learning_rate (the run's own)\n")
