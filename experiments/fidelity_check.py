@@ -27,6 +27,7 @@ lacks is BASE's, and the fidelity is recomputed.
 
 import math
 
+import numpy as np
 from absl import app, flags
 
 from diet_jax import results
@@ -114,6 +115,30 @@ def scorecard(res: dict) -> dict:
     }
 
 
+def phase_split(infos: list[dict]) -> dict:
+    """Where each reduced method's validation AUC comes from, pool means over candidates and
+    seeds of the runs' candidate_info: the rows phase's best epoch ("rows", scored on the
+    evaluate.val_rows subsample that chose it, so a little optimistic, alike for every method)
+    and the final model after the fine-tune ("final", the whole validation day)."""
+    out = {}
+    for method in (*SELECTIONS, "diet"):
+        rows, final = [], []
+        for info in infos:
+            for key, runs in info.items():
+                if key.split("/")[0] != method:
+                    continue
+                rows.append(np.mean([np.nanmax(r["val_auc_per_epoch"]) for r in runs]))
+                final.append(np.mean([r["val_auc"] for r in runs]))
+        if rows:
+            out[method] = {
+                "rows": float(np.mean(rows)),
+                "final": float(np.mean(final)),
+                "finetune": float(np.mean(final) - np.mean(rows)),
+                "candidates_x_runs": len(rows),
+            }
+    return out
+
+
 def _ci(f: dict, key: str) -> str:
     ci = f.get(f"{key}_ci")
     value = f.get(key, float("nan"))
@@ -159,6 +184,15 @@ def markdown(card: dict) -> str:
         out.append(f"| {k} | {'PASS' if v['pass'] else 'FAIL'} | {v['value']} |")
     if card["ceiling"]:
         out += ["", *report.ceiling_markdown(card["ceiling"])[:1]]
+    if card.get("phases"):
+        out += [
+            "",
+            "| method (validation AUC, pool mean) | best rows epoch | after the fine-tune | "
+            "the fine-tune's change |",
+            "|---|---|---|---|",
+        ]
+        for m, v in card["phases"].items():
+            out.append(f"| {m} | {v['rows']:.4f} | {v['final']:.4f} | {v['finetune']:+.4f} |")
     return "\n".join(out)
 
 
@@ -169,6 +203,7 @@ def _x(ratio) -> str:
 
 def main(_):
     res = results.read_filled(_WORKDIR.value, _FILL_FROM.value)
+    runs = [res]
     if _REPLICATES.value:
         fills = _REPLICATE_FILL_FROM.value or [""] * len(_REPLICATES.value)
         if len(fills) != len(_REPLICATES.value):
@@ -177,7 +212,8 @@ def main(_):
                 f"{len(_REPLICATES.value)} replicates."
             )
         others = [results.read_filled(w, b) for w, b in zip(_REPLICATES.value, fills, strict=True)]
-        res = results.merge_replicates([res, *others])
+        runs += others
+        res = results.merge_replicates(runs)
     if _DAY.value == "validation":
         res = fidelity.on_validation_day(res)  # recomputes the fidelity from the validation AUCs
     elif _FILL_FROM.value or _REPLICATES.value:
@@ -185,6 +221,8 @@ def main(_):
         res["fidelity"] = fidelity.fidelity_table(rows, bootstrap=1000)
     card = scorecard(res)
     card["day"] = _DAY.value
+    # The rows phase against the fine-tune, from every run's candidate_info (validation day).
+    card["phases"] = phase_split([run.get("candidate_info", {}) for run in runs])
     print(markdown(card))
     if _JSON_OUT.value:
         atomic_write_json(_JSON_OUT.value, card)

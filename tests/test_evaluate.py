@@ -591,6 +591,35 @@ def test_lr_select_top_script_ranks_the_full_search_choice_by_the_rows_auc():
         script.choice_ranks(info)
 
 
+def test_fidelity_check_splits_validation_auc_into_rows_phase_and_fine_tune():
+    """experiments/fidelity_check.py phase_split: per method, the pool mean over candidates
+    (and runs) of the seeds' best rows epoch and of their final models, by hand."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "fidelity_check", os.path.join(ROOT, "experiments", "fidelity_check.py")
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    run1 = {
+        "diet/a": [
+            {"val_auc_per_epoch": [0.5, 0.7, float("nan")], "val_auc": 0.8},
+            {"val_auc_per_epoch": [0.6, 0.5], "val_auc": 0.6},
+        ],
+        "diet/b": [{"val_auc_per_epoch": [0.9], "val_auc": 0.7}],
+        "full_data/a": [{"val_auc": 0.99}],
+    }
+    run2 = {"diet/a": [{"val_auc_per_epoch": [0.4], "val_auc": 0.5}]}
+    got = script.phase_split([run1, run2])
+    assert set(got) == {"diet"}  # full_data has no rows phase; absent methods are left out
+    rows = np.mean([np.mean([0.7, 0.6]), 0.9, 0.4])
+    final = np.mean([np.mean([0.8, 0.6]), 0.7, 0.5])
+    assert got["diet"]["rows"] == pytest.approx(rows)
+    assert got["diet"]["final"] == pytest.approx(final)
+    assert got["diet"]["finetune"] == pytest.approx(final - rows)
+    assert got["diet"]["candidates_x_runs"] == 3
+
+
 def test_fidelity_check_pools_a_variant_replicate_filled_from_its_base(tiny_run, tmp_path):
     """experiments/fidelity_check.py --replicates with --replicate_fill_from: a replicate that
     reran some methods only takes the entries it lacks from its base run, and every entry then
