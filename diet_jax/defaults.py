@@ -181,7 +181,8 @@ def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
     # (docs/evaluation.md, "The fine-tune"): +0.0005 to +0.0027 for the reduced methods.
     c.evaluate.precise_bn = True
     # A reduced method's fine-tune on the subsequent block: its Adam rate ("train" =
-    # train.learning_rate, "rows" = the rate chosen for its rows) and its dense Adam moments
+    # train.learning_rate, "rows" = the rate chosen for its rows, or a rate such as "3e-3") and
+    # its dense Adam moments
     # ("fresh", or "rows": continued from the rows phase's best epoch). Chosen on validation
     # (docs/evaluation.md, "The fine-tune"): fresh moments make the first steps lr x sign(g) on
     # every weight, which cost the reduced methods 0.007-0.013 validation AUC at 1e-2.

@@ -57,6 +57,7 @@ def test_pool_check_rejects_repeats_bad_models_seeds_and_grid(tiny_config):
         ("lr_grid", (1e-3, -1.0), "lr_grid"),
         ("reference_lr_grid", (0.0,), "reference_lr_grid"),
         ("finetune_lr", "chosen", "finetune_lr"),
+        ("finetune_lr", "-1e-3", "finetune_lr"),
         ("finetune_adam", "warm", "finetune_adam"),
         ("lr_select", "best", "lr_select must be one of"),
         ("lr_select_top", -1, "lr_select_top must be an integer >= 0"),
@@ -65,6 +66,20 @@ def test_pool_check_rejects_repeats_bad_models_seeds_and_grid(tiny_config):
         cfg.evaluate[key] = value
         with pytest.raises(ValueError, match=match):
             pool.check(cfg)
+
+
+def test_finetune_rate_is_train_rows_or_a_number(tiny_config):
+    """evaluate.finetune_lr: "train" = train.learning_rate, "rows" = the rows' chosen rate, or a
+    rate given as a number or as the string a command-line override of the key makes."""
+    from diet_jax.evaluate import protocol
+
+    cfg = tiny_config.copy_and_resolve_references()
+    assert protocol.finetune_rate("train", 0.02, cfg) == cfg.train.learning_rate
+    assert protocol.finetune_rate("rows", 0.02, cfg) == 0.02
+    assert protocol.finetune_rate("3e-4", 0.02, cfg) == 3e-4
+    assert protocol.finetune_rate(1e-3, 0.02, cfg) == 1e-3
+    cfg.evaluate.finetune_lr = "3e-4"
+    pool.check(cfg)  # a rate is a valid setting
 
 
 def test_default_pool_is_valid_and_covers_every_backbone_three_times():

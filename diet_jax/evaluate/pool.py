@@ -192,8 +192,17 @@ def check(config) -> None:
         raise ValueError(f"config.evaluate.max_epochs must be at least 1, got {ev.max_epochs}.")
     if int(ev.val_rows) < 0:
         raise ValueError(f"config.evaluate.val_rows must be >= 0 (0 = all), got {ev.val_rows}.")
+    if ev.finetune_lr not in ("train", "rows"):
+        try:
+            ok = float(ev.finetune_lr) > 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(
+                "config.evaluate.finetune_lr must be 'train', 'rows' or a positive rate, got "
+                f"{ev.finetune_lr!r}."
+            )
     for key, allowed in (
-        ("finetune_lr", ("train", "rows")),
         ("finetune_adam", ("fresh", "rows")),
         ("lr_select", ("rows", "final")),
     ):

@@ -539,6 +539,17 @@ def finetune_and_test(
 REFERENCE_METHODS = ("full_data", "cold_start", "warmup_start")
 
 
+def finetune_rate(setting, rows_lr: float, config) -> float:
+    """A reduced method's fine-tune rate by evaluate.finetune_lr: "train" (train.learning_rate),
+    "rows" (`rows_lr`, the rate chosen for its rows) or a number (that rate; a string of one, as
+    a command-line override of the string key gives)."""
+    if setting == "train":
+        return float(config.train.learning_rate)
+    if setting == "rows":
+        return float(rows_lr)
+    return float(setting)
+
+
 def _with_learning_rate(config, lr: float):
     """The config with train.learning_rate = lr (the whole model's Adam step), or itself."""
     if float(config.train.learning_rate) == lr:
@@ -689,7 +700,7 @@ def run_seeds(
         t: dict = {}
         # The fine-tune continues the rows phase: at its chosen rate and from its Adam moments
         # when evaluate.finetune_lr / finetune_adam say "rows" (docs/evaluation.md).
-        ft_config = _with_learning_rate(config, lr) if ev.finetune_lr == "rows" else config
+        ft_config = _with_learning_rate(config, finetune_rate(ev.finetune_lr, lr, config))
         ft_adam = None
         if ev.finetune_adam == "rows":
             ft_adam = adam_moments(group.unstack(res["opt"], g))
