@@ -87,8 +87,9 @@ def ranking(workdir: str) -> dict:
         # The pool mean of each seed (seed k of every candidate), for differences paired by seed.
         "diet_pool_auc_per_seed": diet_BxS.mean(axis=0).tolist(),
         "random_pool_auc": card["pool"].get("random", {}).get("auc", float("nan")),
-        "diet_kendall": fid["diet"]["kendall"],
-        "diet_kendall_ci": fid["diet"].get("kendall_ci"),
+        # NaN when no Full Data entry is at hand (a base that is itself a variant of a run).
+        "diet_kendall": fid.get("diet", {}).get("kendall", float("nan")),
+        "diet_kendall_ci": fid.get("diet", {}).get("kendall_ci"),
         "random_kendall": fid.get("random", {}).get("kendall", float("nan")),
         "diet_seed_kendall": card["seed_kendall"].get("diet", float("nan")),
         "diet_wins": sum(v["diff"] > 0 for v in wins.values()),
