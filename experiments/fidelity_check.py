@@ -27,7 +27,6 @@ lacks is BASE's, and the fidelity is recomputed.
 
 import math
 
-import numpy as np
 from absl import app, flags
 
 from diet_jax import results
@@ -115,30 +114,6 @@ def scorecard(res: dict) -> dict:
     }
 
 
-def phase_split(infos: list[dict]) -> dict:
-    """Where each reduced method's validation AUC comes from, pool means over candidates and
-    seeds of the runs' candidate_info: the rows phase's best epoch ("rows", scored on the
-    evaluate.val_rows subsample that chose it, so a little optimistic, alike for every method)
-    and the final model after the fine-tune ("final", the whole validation day)."""
-    out = {}
-    for method in (*SELECTIONS, "diet"):
-        rows, final = [], []
-        for info in infos:
-            for key, runs in info.items():
-                if key.split("/")[0] != method:
-                    continue
-                rows.append(np.mean([np.nanmax(r["val_auc_per_epoch"]) for r in runs]))
-                final.append(np.mean([r["val_auc"] for r in runs]))
-        if rows:
-            out[method] = {
-                "rows": float(np.mean(rows)),
-                "final": float(np.mean(final)),
-                "finetune": float(np.mean(final) - np.mean(rows)),
-                "candidates_x_runs": len(rows),
-            }
-    return out
-
-
 def _ci(f: dict, key: str) -> str:
     ci = f.get(f"{key}_ci")
     value = f.get(key, float("nan"))
@@ -222,7 +197,7 @@ def main(_):
     card = scorecard(res)
     card["day"] = _DAY.value
     # The rows phase against the fine-tune, from every run's candidate_info (validation day).
-    card["phases"] = phase_split([run.get("candidate_info", {}) for run in runs])
+    card["phases"] = fidelity.phase_split([run.get("candidate_info", {}) for run in runs])
     print(markdown(card))
     if _JSON_OUT.value:
         atomic_write_json(_JSON_OUT.value, card)

@@ -592,15 +592,10 @@ def test_lr_select_top_script_ranks_the_full_search_choice_by_the_rows_auc():
 
 
 def test_fidelity_check_splits_validation_auc_into_rows_phase_and_fine_tune():
-    """experiments/fidelity_check.py phase_split: per method, the pool mean over candidates
-    (and runs) of the seeds' best rows epoch and of their final models, by hand."""
-    import importlib.util
+    """fidelity.phase_split (fidelity_check.py's last table): per method, the pool mean over
+    candidates (and runs) of the seeds' best rows epoch and of their final models, by hand."""
+    from diet_jax.evaluate import fidelity
 
-    spec = importlib.util.spec_from_file_location(
-        "fidelity_check", os.path.join(ROOT, "experiments", "fidelity_check.py")
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     run1 = {
         "diet/a": [
             {"val_auc_per_epoch": [0.5, 0.7, float("nan")], "val_auc": 0.8},
@@ -610,7 +605,7 @@ def test_fidelity_check_splits_validation_auc_into_rows_phase_and_fine_tune():
         "full_data/a": [{"val_auc": 0.99}],
     }
     run2 = {"diet/a": [{"val_auc_per_epoch": [0.4], "val_auc": 0.5}]}
-    got = script.phase_split([run1, run2])
+    got = fidelity.phase_split([run1, run2])
     assert set(got) == {"diet"}  # full_data has no rows phase; absent methods are left out
     rows = np.mean([np.mean([0.7, 0.6]), 0.9, 0.4])
     final = np.mean([np.mean([0.8, 0.6]), 0.7, 0.5])

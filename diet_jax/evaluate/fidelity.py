@@ -228,3 +228,28 @@ def on_validation_day(res: dict, bootstrap: int = 1000) -> dict:
     res["results"] = rows
     res["fidelity"] = fidelity_table(rows, bootstrap=bootstrap)
     return res
+
+
+def phase_split(infos: list[dict], methods=("random", "el2n", "kmeans", "diet")) -> dict:
+    """Where each reduced method's validation AUC comes from, pool means over candidates and
+    seeds of the runs' candidate_info: the rows phase's best epoch ("rows", scored on the
+    evaluate.val_rows subsample that chose it, so a little optimistic, alike for every method)
+    and the final model after the fine-tune ("final", the whole validation day). `infos`: the
+    runs' results.json["candidate_info"]; a method that none of them holds is left out."""
+    out = {}
+    for method in methods:
+        rows, final = [], []
+        for info in infos:
+            for key, runs in info.items():
+                if key.split("/")[0] != method:
+                    continue
+                rows.append(np.mean([np.nanmax(r["val_auc_per_epoch"]) for r in runs]))
+                final.append(np.mean([r["val_auc"] for r in runs]))
+        if rows:
+            out[method] = {
+                "rows": float(np.mean(rows)),
+                "final": float(np.mean(final)),
+                "finetune": float(np.mean(final) - np.mean(rows)),
+                "candidates_x_runs": len(rows),
+            }
+    return out
