@@ -177,8 +177,8 @@ def merge_replicates(runs: list[dict]) -> dict:
 
 def fill_from(res: dict, base: dict) -> dict:
     """`res` with the (method, model) entries (and their candidate_info) it lacks taken from
-    `base`: a variant rerun of a copy of run `base` that recomputed some methods only. Its `fidelity` is then stale:
-    recompute it over the filled entries (evaluate.fidelity.fidelity_table)."""
+    `base`: a variant rerun of a copy of run `base` that recomputed some methods only. Its
+    `fidelity` is then stale: recompute it over the filled entries (fidelity.fidelity_table)."""
     res = copy.deepcopy(res)
     own = {(r["method"], r["model"]) for r in res["results"]}
     res["results"] += [r for r in base["results"] if (r["method"], r["model"]) not in own]

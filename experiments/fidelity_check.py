@@ -186,8 +186,7 @@ def main(_):
                 f"--replicate_fill_from has {len(fills)} entries for "
                 f"{len(_REPLICATES.value)} replicates."
             )
-        others = [results.read_filled(w, b) for w, b in zip(_REPLICATES.value, fills, strict=True)]
-        runs += others
+        runs += [results.read_filled(w, b) for w, b in zip(_REPLICATES.value, fills, strict=True)]
         res = results.merge_replicates(runs)
     if _DAY.value == "validation":
         res = fidelity.on_validation_day(res)  # recomputes the fidelity from the validation AUCs

@@ -16,9 +16,9 @@ final models' validation AUCs). The run's results.json is only read.
 
 Writes <out>/full_data_tuned.jsonl (one entry per candidate; a rerun resumes), <out>/summary.json
 and <out>/results.json (the run's results with the tuned Full Data as `full_data`:
-`experiments/fidelity_check.py --workdir=<out>` scores it, and
-`--replicates=<out2>,<out3>` pools the studies of replicate runs); prints a markdown table. The test day enters only as the reported AUCs,
-exactly as in the run itself: the rate is chosen on validation.
+`experiments/fidelity_check.py --workdir=<out>` scores it, and `--replicates=<out2>,<out3>` pools
+the studies of replicate runs); prints markdown tables. The test day enters only as the reported
+AUCs, exactly as in the run itself: the rate is chosen on validation.
 """
 
 from __future__ import annotations
