@@ -32,6 +32,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "phase1": (
         "ratio",
         "distill.percentile",
+        "distill.strata",  # phase 1's rows spread over score levels
         "distill.group_split",
         "distill.memory_fusion",
         "distill.retention",  # how many earlier rows the stage's memory keeps

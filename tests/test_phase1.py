@@ -56,6 +56,29 @@ def test_select_percentile_by_hand(k, q, expected):
     assert phase1.select_percentile(SCORES, k, q).tolist() == expected
 
 
+def test_rank_windows_by_hand():
+    assert phase1.rank_windows(100, 10, 0.5) == [(45, 55)]  # one window, centred on 49.5
+    # 4 ranges of 25 ranks; 10 rows split 3, 3, 2, 2 (largest remainder, earlier first); each
+    # range's take centred in it: 25 ranks, 3 rows -> 11..13; 2 rows -> 12..13.
+    assert phase1.rank_windows(100, 10, 0.5, 4) == [(11, 14), (36, 39), (62, 64), (87, 89)]
+    # S >= k: one row from the middle of each of k ranges (every 10th rank), q unused.
+    want = [(5 + 10 * i, 6 + 10 * i) for i in range(10)]
+    assert phase1.rank_windows(100, 10, 0.0, 10) == phase1.rank_windows(100, 10, 0.9, 50) == want
+    # Ranges of 3, 4, 4 ranks asked for 3, 4, 3 rows: never more than a range holds.
+    assert phase1.rank_windows(11, 10, 0.5, 3) == [(0, 3), (3, 7), (8, 11)]
+    assert phase1.rank_windows(10, 12, 0.5, 3) == [(0, 10)]  # more than there is: everything
+    assert phase1.rank_windows(10, 0, 0.5, 3) == []
+    with pytest.raises(ValueError, match="strata"):
+        phase1.rank_windows(10, 2, 0.5, 0)
+
+
+def test_select_percentile_with_strata_spans_the_scores():
+    # SCORES ranked ascending: rows 1, 5, 3, 7, 0, 8, 4, 6, 2, 9. Two strata of five ranks, one
+    # row each from its middle (ranks 2 and 7): rows 3 and 6.
+    assert phase1.select_percentile(SCORES, 2, 0.9, strata=2).tolist() == [3, 6]
+    assert phase1.select_percentile(SCORES, 2, 0.9).tolist() == [2, 9]  # the top window
+
+
 def test_select_percentile_ties_and_bad_percentile():
     assert phase1.select_percentile(np.zeros(5), 2, 0.9).tolist() == [3, 4]  # ties: row order
     with pytest.raises(ValueError, match="percentile"):

@@ -81,19 +81,21 @@ def _scores_with_ties(rng, n):
     return np.round(s, 2)
 
 
+@pytest.mark.parametrize("strata", [1, 7])
 @pytest.mark.parametrize("split", phase1.GROUP_SPLITS)
 @pytest.mark.parametrize("n,q", [(1, 0.9), (37, 0.9), (200, 0.5), (999, 0.0), (5000, 1.0)])
-def test_chunked_selections_equal_the_in_memory_ones(n, q, split):
+def test_chunked_selections_equal_the_in_memory_ones(n, q, split, strata):
     rng = np.random.default_rng(n)
     rows = 5000
     scores = _scores_with_ties(rng, rows)
     y = (rng.random((rows, 3)) < [0.4, 0.1, 0.03]).astype(np.uint8)
-    want = phase1.select_boundary(scores, y, n, q, split)
-    got = phase1.select_boundary_chunked(scores, y, n, q, chunk=333, split=split)
+    want = phase1.select_boundary(scores, y, n, q, split, strata)
+    got = phase1.select_boundary_chunked(scores, y, n, q, chunk=333, split=split, strata=strata)
     np.testing.assert_array_equal(got, want)
+    assert got.size == n and np.unique(got).size == n
     np.testing.assert_array_equal(
-        phase1.select_percentile_chunked(scores, n, q, chunk=777),
-        phase1.select_percentile(scores, n, q),
+        phase1.select_percentile_chunked(scores, n, q, chunk=777, strata=strata),
+        phase1.select_percentile(scores, n, q, strata),
     )
 
 

@@ -102,6 +102,8 @@ def check_config(dc) -> None:
         )
     if not 0 <= dc.percentile <= 1:
         raise ValueError(f"config.distill.percentile must lie in [0, 1], got {dc.percentile}.")
+    if isinstance(dc.strata, bool) or not isinstance(dc.strata, int) or dc.strata < 1:
+        raise ValueError(f"config.distill.strata must be a positive integer, got {dc.strata!r}.")
     for key in ("inner_lr", "meta_lr_embed", "meta_lr_labels"):
         if dc[key] <= 0:
             raise ValueError(f"config.distill.{key} must be positive, got {dc[key]}.")
@@ -456,6 +458,7 @@ def distill(
                 else None,
                 rows_of=lambda o, r: store.stage(ref.stage_names[o - 1]).x_NxF[r],
                 label_mix=dc.label_mix,
+                strata=dc.strata,
             )
             _save_memory(init_path, memory0, init_record)
             info.update(p1)

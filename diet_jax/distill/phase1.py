@@ -2,8 +2,10 @@
 
 1. Score every row of D_t with EL2N under the stage teacher phi_t (in batches: bounded memory).
 2. Group rows by label combination c in {0,1}^K; split the budget n_t = ratio x |D_t| across
-   groups in a balanced way; in each group keep the rows whose score rank is nearest the
-   percentile q ("upper-middle", default 0.9): informative but not the noisiest extremes.
+   groups (`group_budget`: balanced, or in proportion to their sizes); in each group keep the
+   rows whose score rank is nearest the percentile q (the paper's 0.9, "upper-middle"; the
+   config's default 0.5), or, with `strata` > 1, rows spread evenly over the score ranks
+   (`rank_windows`).
 3. Convert the kept rows to (e = Embed_phi_t(x), y~ = f_phi_t(e) logits).
 4. For t > 1, retain the n_t rows of the previous memory with the largest influence on the newly
    selected samples, alpha_i = sum_{z in S_t} A(x_i, z) at phi_t (memory fusion).
@@ -101,11 +103,13 @@ def group_budget(sizes_G, n: int, split: str = "balanced") -> np.ndarray:
     raise ValueError(f"config.distill.group_split must be one of {GROUP_SPLITS}, got {split!r}.")
 
 
-def select_percentile(scores_N, k: int, q: float) -> np.ndarray:
+def select_percentile(scores_N, k: int, q: float, strata: int = 1) -> np.ndarray:
     """Indices (ascending) of the k rows whose score rank is nearest the q-quantile rank.
 
     Ranks are 0..n-1 by ascending score (ties: lower index first); the target rank is q (n-1);
     the k nearest ranks form a window centred on it, shifted inside [0, n) at the edges.
+    With `strata` S > 1 the rows come from S windows instead (`rank_windows`): the middle of
+    each of S equal rank ranges, so the selection spans every score level (q is not used).
     """
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"percentile must lie in [0, 1], got {q}.")
@@ -116,20 +120,23 @@ def select_percentile(scores_N, k: int, q: float) -> np.ndarray:
     if k >= n:
         return np.arange(n, dtype=np.int64)
     order = np.argsort(scores, kind="stable")
-    start = window_start(n, k, q)
-    return np.sort(order[start : start + k])
+    return np.sort(np.concatenate([order[a:b] for a, b in rank_windows(n, k, q, strata)]))
 
 
-def select_boundary(scores_N, y_NxK, n: int, q: float, split: str = "balanced") -> np.ndarray:
-    """Phase 1's selection S_t: per label group, the rows nearest percentile q; the budget n
-    split across groups by `group_budget`. Returns row indices, ascending."""
+def select_boundary(
+    scores_N, y_NxK, n: int, q: float, split: str = "balanced", strata: int = 1
+) -> np.ndarray:
+    """Phase 1's selection S_t: per label group, the rows nearest percentile q (or spread over
+    `strata` score levels); the budget n split across groups by `group_budget`. Returns row
+    indices, ascending."""
     codes = label_groups(y_NxK)
     groups, inverse = np.unique(codes, return_inverse=True)
     counts = group_budget(np.bincount(inverse, minlength=groups.size), n, split)
     picked = []
     for g in range(groups.size):
         members = np.flatnonzero(inverse == g)
-        picked.append(members[select_percentile(np.asarray(scores_N)[members], counts[g], q)])
+        scores_g = np.asarray(scores_N)[members]
+        picked.append(members[select_percentile(scores_g, counts[g], q, strata)])
     return np.sort(np.concatenate(picked)) if picked else np.zeros((0,), np.int64)
 
 
@@ -137,6 +144,35 @@ def window_start(n: int, k: int, q: float) -> int:
     """First rank of the k-row window centred on rank q (n - 1), shifted inside [0, n)."""
     start = math.floor(q * (n - 1) - (k - 1) / 2 + 0.5)
     return min(max(start, 0), n - k)
+
+
+def rank_windows(n: int, k: int, q: float, strata: int = 1) -> list[tuple[int, int]]:
+    """The rank windows [start, end) that hold the k rows picked from n ranked rows.
+
+    strata = 1: one window centred on rank q (n - 1) (`window_start`). strata = S > 1: the
+    ranks split into S' = min(S, k) contiguous ranges of near-equal size, k split over them in
+    proportion to their sizes (largest remainder, so no range is asked for more than it holds),
+    and each range's rows taken from its middle: a sample spread evenly over the score levels
+    (with S >= k, one row every n / k ranks). Windows are disjoint and ascending.
+    """
+    if strata < 1:
+        raise ValueError(f"strata must be a positive integer, got {strata}.")
+    k = min(int(k), int(n))
+    if k <= 0:
+        return []
+    if strata == 1 or k == n:
+        start = 0 if k >= n else window_start(n, k, q)
+        return [(start, start + k)]
+    s = min(int(strata), k)
+    edges = [(i * n) // s for i in range(s + 1)]
+    sizes = np.diff(np.asarray(edges, np.int64))
+    takes = cluster_quotas(sizes, k)
+    out = []
+    for lo, size, take in zip(edges[:-1], sizes.tolist(), takes.tolist(), strict=True):
+        if take > 0:
+            a = lo + window_start(size, int(take), 0.5)
+            out.append((a, a + int(take)))
+    return out
 
 
 def _sort_key(scores) -> np.ndarray:
@@ -180,19 +216,21 @@ def _radix_select(scores_N, codes_fn, targets, n: int, chunk: int):
     return prefix.astype(np.uint32), below
 
 
-def select_windows_chunked(scores_N, codes_fn, groups, counts, q: float, n: int, chunk: int):
-    """Per group code: the counts[g] rows (by ascending (score, row)) nearest rank q (n_g - 1).
+def select_windows_chunked(
+    scores_N, codes_fn, groups, counts, q: float, n: int, chunk: int, strata: int = 1
+):
+    """Per group code: the counts[g] rows (by ascending (score, row)) of `rank_windows` (one
+    window nearest rank q (n_g - 1), or `strata` windows spread over the ranks).
 
     `codes_fn(lo, hi)` gives the group code of rows lo..hi-1; `groups` = (code, n_g) pairs.
-    Returns sorted row indices; host memory is one chunk plus the selection.
+    Returns sorted row indices; host memory is one chunk plus the selection. Time grows with
+    the number of windows (two radix targets each).
     """
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"percentile must lie in [0, 1], got {q}.")
     plan = []  # (code, start, end) rank windows, end exclusive
     for (code, size), k in zip(groups, counts, strict=True):
-        if k > 0:
-            start = 0 if k >= size else window_start(size, int(k), q)
-            plan.append((code, start, start + min(int(k), size)))
+        plan += [(code, a, b) for a, b in rank_windows(size, int(k), q, strata)]
     if not plan:
         return np.zeros((0,), np.int64)
     targets = [t for code, a, b in plan for t in ((code, a), (code, b - 1))]
@@ -222,13 +260,15 @@ def select_windows_chunked(scores_N, codes_fn, groups, counts, q: float, n: int,
     return np.sort(np.concatenate(picked)).astype(np.int64)
 
 
-def select_percentile_chunked(scores_N, k: int, q: float, chunk: int = 1 << 20) -> np.ndarray:
+def select_percentile_chunked(
+    scores_N, k: int, q: float, chunk: int = 1 << 20, strata: int = 1
+) -> np.ndarray:
     """`select_percentile` over a memmap of scores, one chunk at a time."""
     n = int(scores_N.shape[0])
     if k <= 0:
         return np.zeros((0,), np.int64)
     return select_windows_chunked(
-        scores_N, lambda lo, hi: np.zeros(hi - lo, np.int64), [(0, n)], [k], q, n, chunk
+        scores_N, lambda lo, hi: np.zeros(hi - lo, np.int64), [(0, n)], [k], q, n, chunk, strata
     )
 
 
@@ -243,7 +283,13 @@ def group_sizes_chunked(y_NxK, chunk: int = 1 << 20) -> tuple[np.ndarray, np.nda
 
 
 def select_boundary_chunked(
-    scores_N, y_NxK, n: int, q: float, chunk: int = 1 << 20, split: str = "balanced"
+    scores_N,
+    y_NxK,
+    n: int,
+    q: float,
+    chunk: int = 1 << 20,
+    split: str = "balanced",
+    strata: int = 1,
 ):
     """`select_boundary` (the same rows) over memmaps of scores and labels, in chunks."""
     rows = int(scores_N.shape[0])
@@ -257,6 +303,7 @@ def select_boundary_chunked(
         q,
         rows,
         chunk,
+        strata,
     )
 
 
@@ -357,9 +404,10 @@ def stage_selection(
     chunk: int = 1 << 20,
     scratch: str | None = None,
     split: str = "balanced",
+    strata: int = 1,
 ) -> np.ndarray:
     """EL2N rows of a stage under `teacher`, streamed: grouped (phase 1, label groups' budgets by
-    `group_budget(split)`) or not (EL2N baseline)."""
+    `group_budget(split)`) or not (EL2N baseline); `strata`: see `rank_windows`."""
     with ScratchDir(scratch) as d:
         scores = score_to_memmap(
             model,
@@ -370,9 +418,9 @@ def stage_selection(
             os.path.join(d, "el2n.npy"),
         )
         if grouped:
-            idx = select_boundary_chunked(scores, stage.y_NxK, n, q, chunk, split)
+            idx = select_boundary_chunked(scores, stage.y_NxK, n, q, chunk, split, strata)
         else:
-            idx = select_percentile_chunked(scores, n, q, chunk)
+            idx = select_percentile_chunked(scores, n, q, chunk, strata)
         del scores
     return idx
 
@@ -550,12 +598,14 @@ def boundary_memory(
     previous_teacher=None,
     rows_of=None,
     label_mix: float = 0.0,
+    strata: int = 1,
 ) -> tuple[Memory, dict]:
     """D_syn^t before refinement. `teacher` is phi_t (a TrainState: .params, .model_state).
     `retain`: rows kept from `previous` (default n_t, the paper's rule). `reanchor_mode`,
     `previous_teacher` (phi_{t-1}) and `rows_of`: see `reanchor` (applied to `previous` first).
     `label_mix`: the new rows' soft labels pulled toward their hard labels (`mix_labels`);
     carried rows keep theirs (re-anchoring by "offsets" keeps the mix as part of the offset).
+    `strata`: the new rows from one EL2N window (1) or spread over score levels (`rank_windows`).
 
     Returns the memory (new rows first, then retained rows) and a dict of counts for logging.
     """
@@ -572,6 +622,7 @@ def boundary_memory(
         grouped=True,
         batch_size=batch_size,
         split=group_split,
+        strata=strata,
     )
     y = np.asarray(stage.y_NxK[idx])
     new = to_memory(
