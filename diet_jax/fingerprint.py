@@ -75,6 +75,7 @@ EXCLUDE: tuple[str, ...] = (
 # left out of the hash at that value, so that upgrading the code does not invalidate a run.
 NEUTRAL: dict[str, Any] = {
     "distill.label_mix": 0.0,
+    "distill.strata": 1,
     "evaluate.selection_label_mix": 0.0,
     "evaluate.lr_select": "rows",
     "evaluate.lr_select_top": 0,

@@ -50,6 +50,7 @@ def test_fingerprint_covers_sections_by_prefix_and_skips_excluded_keys(tiny_conf
     phase1 = fp_lib.fingerprint(cfg, "phase1")
     with cfg.unlocked():
         del cfg.distill["label_mix"]
+        del cfg.distill["strata"]
     assert fp_lib.fingerprint(cfg, "phase1") == phase1
     cfg.distill.label_mix = 0.25
     assert fp_lib.changes(phase1, fp_lib.fingerprint(cfg, "phase1")) == [
