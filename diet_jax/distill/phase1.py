@@ -161,7 +161,7 @@ def rank_windows(n: int, k: int, q: float, strata: int = 1) -> list[tuple[int, i
     if k <= 0:
         return []
     if strata == 1 or k == n:
-        start = 0 if k >= n else window_start(n, k, q)
+        start = window_start(n, k, q)  # 0 when k == n
         return [(start, start + k)]
     s = min(int(strata), k)
     edges = [(i * n) // s for i in range(s + 1)]
