@@ -171,7 +171,7 @@ BAD = [
     ("synthetic", "distill.address_pool", -1, "distill.address_pool must be non-negative"),
     ("synthetic", "evaluate.el2n_percentile", 1.5, r"el2n_percentile must lie in \[0, 1\]"),
     ("synthetic", "distill.label_mix", 1.0, r"label_mix must lie in \[0, 1\)"),
-    ("synthetic", "distill.strata", 0, "distill.strata must be a positive integer"),
+    ("synthetic", "distill.strata", -1, "distill.strata must be 0"),
     (
         "synthetic",
         "evaluate.selection_label_mix",

@@ -64,12 +64,13 @@ def test_rank_windows_by_hand():
     # S >= k: one row from the middle of each of k ranges (every 10th rank), q unused.
     want = [(5 + 10 * i, 6 + 10 * i) for i in range(10)]
     assert phase1.rank_windows(100, 10, 0.0, 10) == phase1.rank_windows(100, 10, 0.9, 50) == want
+    assert phase1.rank_windows(100, 10, 0.3, 0) == want  # 0: one range per row kept
     # Ranges of 3, 4, 4 ranks asked for 3, 4, 3 rows: never more than a range holds.
     assert phase1.rank_windows(11, 10, 0.5, 3) == [(0, 3), (3, 7), (8, 11)]
     assert phase1.rank_windows(10, 12, 0.5, 3) == [(0, 10)]  # more than there is: everything
     assert phase1.rank_windows(10, 0, 0.5, 3) == []
     with pytest.raises(ValueError, match="strata"):
-        phase1.rank_windows(10, 2, 0.5, 0)
+        phase1.rank_windows(10, 2, 0.5, -1)
 
 
 def test_select_percentile_with_strata_spans_the_scores():

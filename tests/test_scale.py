@@ -81,7 +81,7 @@ def _scores_with_ties(rng, n):
     return np.round(s, 2)
 
 
-@pytest.mark.parametrize("strata", [1, 7])
+@pytest.mark.parametrize("strata", [1, 7, 0])
 @pytest.mark.parametrize("split", phase1.GROUP_SPLITS)
 @pytest.mark.parametrize("n,q", [(1, 0.9), (37, 0.9), (200, 0.5), (999, 0.0), (5000, 1.0)])
 def test_chunked_selections_equal_the_in_memory_ones(n, q, split, strata):

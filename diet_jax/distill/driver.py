@@ -102,8 +102,11 @@ def check_config(dc) -> None:
         )
     if not 0 <= dc.percentile <= 1:
         raise ValueError(f"config.distill.percentile must lie in [0, 1], got {dc.percentile}.")
-    if isinstance(dc.strata, bool) or not isinstance(dc.strata, int) or dc.strata < 1:
-        raise ValueError(f"config.distill.strata must be a positive integer, got {dc.strata!r}.")
+    if isinstance(dc.strata, bool) or not isinstance(dc.strata, int) or dc.strata < 0:
+        raise ValueError(
+            "config.distill.strata must be 0 (one score range per row kept) or a positive "
+            f"integer, got {dc.strata!r}."
+        )
     for key in ("inner_lr", "meta_lr_embed", "meta_lr_labels"):
         if dc[key] <= 0:
             raise ValueError(f"config.distill.{key} must be positive, got {dc[key]}.")

@@ -108,8 +108,9 @@ def select_percentile(scores_N, k: int, q: float, strata: int = 1) -> np.ndarray
 
     Ranks are 0..n-1 by ascending score (ties: lower index first); the target rank is q (n-1);
     the k nearest ranks form a window centred on it, shifted inside [0, n) at the edges.
-    With `strata` S > 1 the rows come from S windows instead (`rank_windows`): the middle of
-    each of S equal rank ranges, so the selection spans every score level (q is not used).
+    With `strata` S > 1 (or 0: one per row) the rows come from S windows instead
+    (`rank_windows`): the middle of each of S equal rank ranges, so the selection spans every
+    score level (q is not used).
     """
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"percentile must lie in [0, 1], got {q}.")
@@ -152,18 +153,19 @@ def rank_windows(n: int, k: int, q: float, strata: int = 1) -> list[tuple[int, i
     strata = 1: one window centred on rank q (n - 1) (`window_start`). strata = S > 1: the
     ranks split into S' = min(S, k) contiguous ranges of near-equal size, k split over them in
     proportion to their sizes (largest remainder, so no range is asked for more than it holds),
-    and each range's rows taken from its middle: a sample spread evenly over the score levels
-    (with S >= k, one row every n / k ranks). Windows are disjoint and ascending.
+    and each range's rows taken from its middle: a sample spread evenly over the score levels.
+    strata = 0 (or any S >= k): one range per row kept, i.e. one row every n / k ranks, a
+    sample stratified by score. Windows are disjoint and ascending.
     """
-    if strata < 1:
-        raise ValueError(f"strata must be a positive integer, got {strata}.")
+    if strata < 0:
+        raise ValueError(f"strata must be 0 (one per row kept) or positive, got {strata}.")
     k = min(int(k), int(n))
     if k <= 0:
         return []
     if strata == 1 or k == n:
         start = window_start(n, k, q)  # 0 when k == n
         return [(start, start + k)]
-    s = min(int(strata), k)
+    s = k if strata == 0 else min(int(strata), k)
     edges = [(i * n) // s for i in range(s + 1)]
     sizes = np.diff(np.asarray(edges, np.int64))
     takes = cluster_quotas(sizes, k)
