@@ -47,6 +47,7 @@ def test_fingerprint_covers_sections_by_prefix_and_skips_excluded_keys(tiny_conf
     assert fp_lib.changes(before, after) == ["ratio: 0.05 -> 0.1", "input teacher"]
     # A key added later, at its neutral value, leaves the record as it was before the key
     # existed (an upgrade keeps old artifacts); any other value is a change.
+    cfg.distill.strata = 1  # its neutral value (the behaviour before the key); the default is 0
     phase1 = fp_lib.fingerprint(cfg, "phase1")
     with cfg.unlocked():
         del cfg.distill["label_mix"]
@@ -56,6 +57,11 @@ def test_fingerprint_covers_sections_by_prefix_and_skips_excluded_keys(tiny_conf
     assert fp_lib.changes(phase1, fp_lib.fingerprint(cfg, "phase1")) == [
         "distill.label_mix: '<unset>' -> 0.25"
     ]
+    with cfg.unlocked():  # a run made before the key, rerun under the default: phase 1 again
+        cfg.distill.strata = 0
+    assert "distill.strata: '<unset>' -> 0" in fp_lib.changes(
+        phase1, fp_lib.fingerprint(cfg, "phase1")
+    )
     cfg.evaluate.learning_rate = 1.0  # evaluation keys: no effect on the teacher or the memory
     assert (
         fp_lib.fingerprint(cfg, "teacher")["fingerprint"]
