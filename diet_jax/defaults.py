@@ -105,9 +105,8 @@ def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
     c.distill = ml_collections.ConfigDict()
     # Defaults chosen on the VALIDATION day by experiments/study_distill.py (docs/distillation.md
     # "Study"): percentile 0.9 -> 0.5 was the largest gain (DCN, phase 1 alone: 0.7397 -> 0.7923).
-    c.distill.percentile = (
-        0.5  # phase 1: EL2N rank kept per label group (0.9 = the paper's) if strata = 1
-    )
+    # Phase 1: the EL2N rank kept per label group (0.9 = the paper's); used when strata = 1.
+    c.distill.percentile = 0.5
     # Phase 1 rows from one EL2N window around `percentile` (1) or spread over S score levels
     # of each label group (S > 1: the middle of S equal rank ranges; 0: one range per row kept,
     # a sample stratified by score; `phase1.rank_windows`). Chosen on validation at the
