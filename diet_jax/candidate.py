@@ -23,7 +23,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from diet_jax import checkpoint
+from diet_jax import checkpoint, io_utils
 from diet_jax import results as results_lib
 from diet_jax.data import prepare
 from diet_jax.data.store import StageStore
@@ -279,8 +279,7 @@ def _main(argv) -> None:
         raise SystemExit(f"Too many command-line arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietOrbax())
-    cache = os.environ.get("DIET_JAX_CACHE", os.path.expanduser("~/.cache/diet_jax_jax_cache"))
-    jax.config.update("jax_compilation_cache_dir", cache)
+    io_utils.enable_compilation_cache()
     try:
         kwargs = json.loads(f.module_kwargs)
         if not isinstance(kwargs, dict):

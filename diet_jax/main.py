@@ -7,14 +7,12 @@ on stderr, no traceback), anything else a bug in diet_jax (with its traceback).
 """
 
 import logging as std_logging
-import os
 import sys
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diet_jax import pipeline
+from diet_jax import io_utils, pipeline
 from diet_jax.errors import UserError, one_line
 
 USER_ERROR = 2
@@ -121,9 +119,7 @@ def main(argv):
         _fail(f"unexpected arguments {argv[1:]}; every setting is a flag (--config.<key>=...)")
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    # Compiled steps are cached on disk, so a rerun (or a resumed run) skips most compilation.
-    cache = os.environ.get("DIET_JAX_CACHE", os.path.expanduser("~/.cache/diet_jax_jax_cache"))
-    jax.config.update("jax_compilation_cache_dir", cache)
+    io_utils.enable_compilation_cache()  # a rerun (or a resumed run) compiles almost nothing
     try:
         pipeline.run(_config(), _WORKDIR.value)
     except UserError as e:

@@ -262,9 +262,18 @@ def test_vmapped_group_equals_each_member_trained_alone(group_setup, shared):
     seeds, lrs = [0, 1, 2], [1e-3, 1e-2, 3e-3]
     vm = protocol.train_rows_group(model, rows_G, seeds, lrs, val, config, vmapped=True)
     seq = protocol.train_rows_group(model, rows_G, seeds, lrs, val, config, vmapped=False)
-    for a, b in zip(jax.tree.leaves(vm["params"]), jax.tree.leaves(seq["params"]), strict=True):
+    assert isinstance(seq["params"], group.Members) and len(seq["params"]) == 3
+    seq_p, seq_s = group.stacked(seq["params"]), group.stacked(seq["state"])
+    for a, b in zip(jax.tree.leaves(vm["params"]), jax.tree.leaves(seq_p), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
-    for a, b in zip(jax.tree.leaves(vm["state"]), jax.tree.leaves(seq["state"]), strict=True):
+    for g in range(3):  # a member read back from either form is that member
+        for a, b in zip(
+            jax.tree.leaves(group.unstack(vm["params"], g)),
+            jax.tree.leaves(group.unstack(seq["params"], g)),
+            strict=True,
+        ):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+    for a, b in zip(jax.tree.leaves(vm["state"]), jax.tree.leaves(seq_s), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
     np.testing.assert_allclose(vm["val_auc"], seq["val_auc"], atol=1e-6)
     np.testing.assert_array_equal(vm["best_epoch"], seq["best_epoch"])
@@ -312,7 +321,8 @@ def test_lazy_rows_train_like_loaded_ones_one_member_at_a_time(group_setup, vmap
     gc.collect()
     assert all(r() is None for r in loads)  # no loaded rows outlive the group
     eager = protocol.train_rows_group(model, made, seeds, lrs, val, config, vmapped=vmapped)
-    for a, b in zip(jax.tree.leaves(lazy["params"]), jax.tree.leaves(eager["params"]), strict=True):
+    lazy_p, eager_p = group.stacked(lazy["params"]), group.stacked(eager["params"])
+    for a, b in zip(jax.tree.leaves(lazy_p), jax.tree.leaves(eager_p), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(lazy["val_auc"], eager["val_auc"])
     assert lazy["rows"] == 64 and len(loads) == 3
@@ -337,7 +347,8 @@ def test_padding_rows_changes_nothing(group_setup):
     r = rows(64)
     a = protocol.train_rows_group(model, [r, r], [0, 1], [1e-3, 1e-2], val, config)
     b = protocol.train_rows_group(model, [r, r], [0, 1], [1e-3, 1e-2], val, config, pad_to=130)
-    for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"]), strict=True):
+    a_p, b_p = group.stacked(a["params"]), group.stacked(b["params"])
+    for x, y in zip(jax.tree.leaves(a_p), jax.tree.leaves(b_p), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(a["val_auc"], b["val_auc"], atol=1e-6)
 

@@ -12,7 +12,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diet_jax.models import build_model
-from diet_jax.train import sparse, steps
+from diet_jax.train import optim, sparse, steps
 
 VOCAB = (6, 4, 5)  # V = 15 table rows; tiny so that a batch can touch every row
 FMAP = types.SimpleNamespace(vocab_sizes=VOCAB, num_tasks=3)
@@ -227,6 +227,43 @@ def test_make_optimizer_clip_flag():
     for clip, expected in ((True, [-0.6, -0.8]), (False, [-3.0, -4.0])):
         tx = steps.make_optimizer(cfg, clip=clip)
         np.testing.assert_allclose(tx.update(g, tx.init(g))[0]["a"], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("opt", ["rowwise_adagrad", "dense_adam"])
+def test_runtime_learning_rate_trains_like_the_constant_one(model, opt):
+    """A runtime_lr trainer built at another rate, set to 3e-3 in its state, takes the very
+    steps of the trainer whose rate 3e-3 is a constant (bitwise); one compiled step serves both
+    rates; a state without a runtime rate is refused."""
+    cfg = _train_cfg(opt)
+    cfg.learning_rate = 3e-3
+    other = _train_cfg(opt)
+    other.learning_rate = 0.5
+    const = steps.make_trainer(model, cfg)
+    runtime = steps.make_trainer(model, other, runtime_lr=True)
+    copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731 (the steps donate their state)
+    params, model_state = _init(model)
+    a = const.init(copy(params), copy(model_state))
+    b = runtime.init(copy(params), copy(model_state))
+    b = b.replace(opt_state=optim.set_learning_rate(b.opt_state, 3e-3))
+    for seed in range(3):
+        batch = _partial_batch(seed)
+        a, _ = const.step(a, batch)
+        b, _ = runtime.step(b, batch)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # The rate really acts: at 0.5 the same steps land elsewhere.
+    c = runtime.init(copy(params), copy(model_state))
+    for seed in range(3):
+        c, _ = runtime.step(c, _partial_batch(seed))
+    assert not all(
+        np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(
+            jax.tree.leaves(a.params["dense"]), jax.tree.leaves(c.params["dense"]), strict=True
+        )
+    )
+    assert runtime.step._cache_size() == 1
+    with pytest.raises(ValueError, match="no runtime learning rate"):
+        optim.set_learning_rate(a.opt_state, 1e-3)
 
 
 def test_reference_training_with_rowwise_adagrad(tiny_store, tmp_path):

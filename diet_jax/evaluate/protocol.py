@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import time
 from collections.abc import Callable
 
@@ -38,7 +39,7 @@ from diet_jax.data import loader
 from diet_jax.data.store import StageStore
 from diet_jax.models.factory import RecModel
 from diet_jax.models.layers import BN_MOMENTUM
-from diet_jax.train import group, loop
+from diet_jax.train import group, loop, optim
 from diet_jax.train.steps import make_batch_stats_step, make_predict_step, make_trainer
 
 
@@ -190,7 +191,8 @@ def train_rows_group(
     follows evaluate.group_mode.
     `pad_to`: rows padded to this many (never drawn; their batches are no-ops), so that methods
     with different row counts share one compiled epoch.
-    Returns {"params", "state", "opt" (Adam's state; stacked, best epochs), "val_auc" [G, E],
+    Returns {"params", "state", "opt" (Adam's state, best epochs; stacked when vmapped, else
+    `group.Members`: `group.unstack` reads either), "val_auc" [G, E],
     "best_epoch" [G],
     "seconds" (training only, the whole group), "samples" (per member), "compiles"}.
     """
@@ -281,7 +283,7 @@ def train_rows_group(
                     best = (p, s, o)
             kept.append(best)
             eg = lg = None  # this member's rows go before the next member's are read
-        best_p, best_s, best_o = (group.stack([k[i] for k in kept]) for i in range(3))
+        best_p, best_s, best_o = (group.Members([k[i] for k in kept]) for i in range(3))
     if not np.isfinite(losses).any():
         raise FloatingPointError(
             f"{model.name}: the loss on rows is {losses[:, 0]} for every member."
@@ -378,9 +380,16 @@ _TRAINERS: dict = {}
 
 
 def _trainer(model: RecModel, train_cfg):
-    key = (model, train_cfg.to_json())
+    """One trainer per model and train config, whatever its learning rate: the rate is set in
+    the state (`optim.set_learning_rate`), so Full Data at train.learning_rate and a reduced
+    method's fine-tune at evaluate.finetune_lr share one compiled step (one compilation of the
+    whole model's step per candidate, not one per rate)."""
+    cfg = train_cfg.to_dict()
+    cfg.pop("learning_rate", None)
+    key = (model, json.dumps(cfg, sort_keys=True, default=str))
     if key not in _TRAINERS:
-        _TRAINERS[key] = make_trainer(model, train_cfg)  # the configured embedding optimizer
+        # The configured embedding optimizer; the rate given here is the state's initial one.
+        _TRAINERS[key] = make_trainer(model, train_cfg, runtime_lr=True)
     return _TRAINERS[key]
 
 
@@ -456,6 +465,9 @@ def finetune_and_test(
     """
     trainer = _trainer(model, config.train)
     train_state = trainer.init(_copy(params), _copy(state))
+    # The trainer is shared by every rate: this run's is set in its state.
+    lr = float(config.train.learning_rate)
+    train_state = train_state.replace(opt_state=optim.set_learning_rate(train_state.opt_state, lr))
     if embed_opt is not None:
         if _layout(train_state.opt_state["embed"]) != _layout(embed_opt):
             raise ValueError(

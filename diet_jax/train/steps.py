@@ -285,13 +285,17 @@ class Trainer(NamedTuple):
     step: Callable  # jitted, donating (state, batch) -> (state, {"loss", "grad_norm", "finite"})
 
 
-def make_trainer(model: RecModel, train_cfg, phase: str = "candidate") -> Trainer:
+def make_trainer(
+    model: RecModel, train_cfg, phase: str = "candidate", runtime_lr: bool = False
+) -> Trainer:
     """The state constructor and train step that `train_cfg.embedding_optimizer` asks for.
 
     "dense_adam": `make_optimizer(train_cfg)` over the whole tree (`make_train_step`).
     `train.nan_policy` and the test switch `train.inject_nan` (for `phase`) reach both steps.
     "lazy_adam" / "rowwise_adagrad": row-sparse table updates, the dense network with
     `make_optimizer(train_cfg, clip=False)`, clipping by the joint global norm.
+    `runtime_lr`: the dense optimizer's rate lives in its state (`optim.set_learning_rate`),
+    so one compiled step trains at any rate.
     """
     name = train_cfg.get("embedding_optimizer", "dense_adam")
     check_nan_policy(train_cfg)
@@ -300,7 +304,7 @@ def make_trainer(model: RecModel, train_cfg, phase: str = "candidate") -> Traine
         "inject_nan_step": inject_nan_step(train_cfg, phase),
     }
     if name == "dense_adam":
-        tx = make_optimizer(train_cfg)
+        tx = make_optimizer(train_cfg, runtime_lr=runtime_lr)
         return Trainer(
             functools.partial(create_train_state, tx=tx), make_train_step(model, tx, **guard)
         )
@@ -310,7 +314,7 @@ def make_trainer(model: RecModel, train_cfg, phase: str = "candidate") -> Traine
             f"available: {', '.join(sparse.EMBEDDING_OPTIMIZERS)}."
         )
     row_opt = sparse.make_row_optimizer(train_cfg)
-    dense_tx = make_optimizer(train_cfg, clip=False)
+    dense_tx = make_optimizer(train_cfg, clip=False, runtime_lr=runtime_lr)
     return Trainer(
         functools.partial(create_sparse_train_state, dense_tx=dense_tx, row_opt=row_opt),
         make_sparse_train_step(model, dense_tx, row_opt, train_cfg.max_grad_norm, **guard),
