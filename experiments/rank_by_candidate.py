@@ -4,9 +4,11 @@ candidates' size (dense parameters).
 
     python experiments/rank_by_candidate.py --workdir=runs/synthetic
     python experiments/rank_by_candidate.py --workdir=runs/taobao_synth --day=validation
+    python experiments/rank_by_candidate.py --workdir=R/variant --fill_from=runs/taobao_synth
 
 Reads `<workdir>/results.json` (seed means per (method, candidate); `--day=validation` the
-final models' validation AUCs, as `fidelity_check.py`) and `<workdir>/config.json` with the
+final models' validation AUCs, as `fidelity_check.py`; `--fill_from=BASE`: a variant rerun
+of a copy of BASE takes the entries it lacks from BASE) and `<workdir>/config.json` with the
 stage store's feature map, from which every candidate of the pool is built abstractly
 (`jax.eval_shape`: no weights are made) to count its dense parameters. Prints a markdown table,
 candidates in Full Data's order (rank 1 = best AUC), then per method: the pool's AUC spread
@@ -31,6 +33,9 @@ from diet_jax.evaluate import fidelity, pool
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/synthetic", "A finished run's workdir.")
 _DAY = flags.DEFINE_enum("day", "test", ["test", "validation"], "The day the AUCs are from.")
+_FILL_FROM = flags.DEFINE_string(
+    "fill_from", None, "A base run whose entries stand in for the methods the workdir lacks."
+)
 
 ORDER = ("full_data", "warmup_start", "cold_start", "random", "kmeans", "el2n", "diet")
 
@@ -85,7 +90,7 @@ def rank_table(res: dict, params: dict[str, int]) -> str:
 
 
 def main(_):
-    res = results.read(os.path.join(_WORKDIR.value, "results.json"))
+    res = results.read_filled(_WORKDIR.value, _FILL_FROM.value)
     if _DAY.value == "validation":
         res = fidelity.on_validation_day(res)
     print(f"{_WORKDIR.value}, {_DAY.value} day (rank (seed-mean AUC); 1 = best)\n")
