@@ -135,8 +135,7 @@ def _unstack(tree, g):
 class Members:
     """The members of a group trained one after another, kept apart: `unstack` hands one back
     as it is. Stacking them only to slice one out again compiled a stack and a slice program per
-    tree and group size of every architecture (about 3 s a candidate on the CPU, paid again on a
-    warm cache, where programs this small are not kept)."""
+    tree and group size of every architecture (about 3 s a candidate on the 2-core CPU)."""
 
     def __init__(self, trees: list):
         self.trees = list(trees)
