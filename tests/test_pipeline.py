@@ -140,3 +140,24 @@ def test_json_files_are_strict_and_read_back_as_written(tmp_path):
     writer.write(phase="x", loss=np.float32("nan"))
     line = open(tmp_path / "w" / "metrics.jsonl").read()
     assert json.loads(line, parse_constant=_strict) == {"phase": "x", "loss": None}
+
+
+def test_enable_compilation_cache_keeps_every_program(monkeypatch, tmp_path):
+    """main's cache: the folder from $DIET_JAX_CACHE and no size or time floor (JAX's defaults
+    drop programs that compile in under a second, most of a candidate's)."""
+    keys = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    before = {k: getattr(jax.config, k) for k in keys}
+    monkeypatch.setenv("DIET_JAX_CACHE", str(tmp_path))
+    try:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        assert io_utils.enable_compilation_cache() == str(tmp_path)
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path)
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+        assert jax.config.jax_persistent_cache_min_entry_size_bytes == 0
+    finally:
+        for k, v in before.items():
+            jax.config.update(k, v)
