@@ -591,36 +591,31 @@ def test_lr_select_top_script_ranks_the_full_search_choice_by_the_rows_auc():
         script.choice_ranks(info)
 
 
-def test_rank_by_candidate_script_ranks_spreads_and_size_correlation_by_hand():
-    """experiments/rank_by_candidate.py's table on three candidates: ranks in Full Data's order,
-    spread / seed std, tau and Spearman against log(params), each checked by hand."""
-    import importlib.util
+def test_candidate_ranks_spreads_and_size_correlation_by_hand():
+    """fidelity.candidate_ranks (experiments/rank_by_candidate.py) on three candidates: ranks in
+    Full Data's order, spread, seed std, tau and Spearman against log(params), by hand."""
+    from diet_jax.evaluate import fidelity
 
-    spec = importlib.util.spec_from_file_location(
-        "rank_by_candidate", os.path.join(ROOT, "experiments", "rank_by_candidate.py")
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     params = {"a": 10, "b": 1000, "c": 100}
     auc = {"full_data": (0.70, 0.60, 0.65), "diet": (0.60, 0.64, 0.62)}  # DIET: the reverse
-    res = {
-        "results": [
-            {"method": m, "model": c, "auc": auc[m][i], "auc_std": 0.01}
-            for m in auc
-            for i, c in enumerate("abc")
-        ]
-    }
-    table = script.rank_table(res, params)
-    lines = table.splitlines()
-    # Full Data's order a (0.70), c, b; DIET ranks them 3, 2, 1.
-    assert lines[2].startswith("| a | 10 | 1 (0.7000) | 3 (0.6000) |")
-    assert lines[3].startswith("| c | 100 | 2 (0.6500) | 2 (0.6200) |")
-    assert lines[4].startswith("| b | 1,000 | 3 (0.6000) | 1 (0.6400) |")
-    # spread 0.10 / std 0.01 = 10; tau 1 and -1; Spearman vs log params: Full -1, DIET +1.
-    assert "| full_data | 0.1000 | 0.0100 | 10.0 | 1.00 | -1.00 |" in lines
-    assert "| diet | 0.0400 | 0.0100 | 4.0 | -1.00 | 1.00 |" in lines
-    with pytest.raises(SystemExit, match="no Full Data"):
-        script.rank_table({"results": res["results"][3:]}, params)
+    rows = [
+        {"method": m, "model": c, "auc": auc[m][i], "auc_std": 0.01 if m == "diet" else 0.02}
+        for m in auc
+        for i, c in enumerate("abc")
+    ]
+    t = fidelity.candidate_ranks(rows, params, ("full_data", "random", "diet"))
+    assert t["methods"] == ["full_data", "diet"]  # Random has no entry: left out
+    assert t["models"] == ["a", "c", "b"]  # Full Data's order: 0.70, 0.65, 0.60
+    assert t["rank"] == {"full_data": [1.0, 2.0, 3.0], "diet": [3.0, 2.0, 1.0]}
+    np.testing.assert_allclose(t["auc"]["diet"], [0.60, 0.62, 0.64])
+    full, diet = t["summary"]["full_data"], t["summary"]["diet"]
+    np.testing.assert_allclose([full["spread"], full["seed_std"]], [0.10, 0.02])
+    np.testing.assert_allclose([diet["spread"], diet["seed_std"]], [0.04, 0.01])
+    # log params a < c < b: Full Data's AUCs fall with size (-1), DIET's rise (+1).
+    assert (full["kendall"], full["size_spearman"]) == (1.0, -1.0)
+    assert (diet["kendall"], diet["size_spearman"]) == (-1.0, 1.0)
+    with pytest.raises(ValueError, match="No Full Data"):
+        fidelity.candidate_ranks(rows[3:], params, ("full_data", "diet"))
 
 
 def test_fidelity_check_splits_validation_auc_into_rows_phase_and_fine_tune():

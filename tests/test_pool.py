@@ -29,6 +29,23 @@ def test_pool_parses_overrides_and_builds_named_candidates(tiny_config):
     assert [c.name for c in pool.candidates(tiny_config)] == ["dcn", "wukong"]
 
 
+def test_dense_params_counts_each_candidates_dense_network(tiny_config):
+    """pool.dense_params (rank_by_candidate.py's sizes) equals the leaves of each candidate's
+    real dense init; a narrower candidate of one backbone is smaller."""
+    import jax
+    import numpy as np
+
+    from diet_jax.data.store import FeatureMap
+
+    fmap = FeatureMap("t", ("a", "b"), (5, 7), ("click",), ())
+    counts = pool.dense_params(tiny_config, fmap)
+    assert list(counts) == ["dcn", "dcn_narrow", "wukong"]
+    for cand in pool.candidates(tiny_config):
+        dense, _ = pool.build(cand, tiny_config, fmap).init_dense(jax.random.key(0))
+        assert counts[cand.name] == sum(int(np.size(x)) for x in jax.tree.leaves(dense))
+    assert counts["dcn_narrow"] < counts["dcn"]
+
+
 @pytest.mark.parametrize(
     "spec, match",
     [

@@ -253,3 +253,41 @@ def phase_split(infos: list[dict], methods=("random", "el2n", "kmeans", "diet"))
                 "candidates_x_runs": len(rows),
             }
     return out
+
+
+def candidate_ranks(results: list[dict], params: dict[str, int], methods) -> dict:
+    """Where each method's ranking of the pool parts from Full Data's (rank_by_candidate.py).
+
+    `results`: entries with "method", "model", "auc" (seed mean) and "auc_std"; `params`:
+    {candidate: dense parameter count}, the pool; `methods`: those to report, in order (the ones
+    missing a candidate of the pool are left out). Returns {"models": [candidates in Full Data's
+    order], "methods": [...], "rank": {method: [rank per model, 1 = best AUC, ties averaged]},
+    "auc": {method: [...]}, "summary": {method: {"spread" (best - worst AUC), "seed_std" (mean
+    std over seeds of a candidate's AUC), "kendall" (vs Full Data), "size_spearman" (AUCs vs
+    log(params))}}}.
+    """
+    by = {(r["method"], r["model"]): r for r in results}
+    models = sorted(params)
+    methods = [m for m in methods if all((m, c) in by for c in models)]
+    if "full_data" not in methods:
+        raise ValueError("No Full Data entry for every candidate of the pool.")
+    auc = {m: np.array([by[(m, c)]["auc"] for c in models]) for m in methods}
+    order = np.argsort(-auc["full_data"], kind="stable")
+    log_p = np.log([params[c] for c in models])
+    summary = {
+        m: {
+            "spread": float(auc[m].max() - auc[m].min()),
+            "seed_std": float(np.mean([by[(m, c)].get("auc_std", np.nan) for c in models])),
+            "kendall": kendall(auc[m], auc["full_data"]),
+            "size_spearman": spearman(auc[m], log_p),
+        }
+        for m in methods
+    }
+    rank = {m: (len(models) + 1 - _average_ranks(auc[m]))[order].tolist() for m in methods}
+    return {
+        "models": [models[i] for i in order],
+        "methods": methods,
+        "rank": rank,
+        "auc": {m: auc[m][order].tolist() for m in methods},
+        "summary": summary,
+    }

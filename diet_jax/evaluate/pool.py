@@ -160,6 +160,20 @@ def build(cand: Candidate, config, feature_map) -> RecModel:
     return dataclasses.replace(model, name=cand.name)
 
 
+def dense_params(config, feature_map) -> dict[str, int]:
+    """{candidate: its dense network's parameter count} for the pool of `config`, built
+    abstractly (`jax.eval_shape`: no weights are made)."""
+    import jax  # here: the pool's parsing and checks need no JAX
+    import numpy as np
+
+    out = {}
+    for cand in candidates(config):
+        model = build(cand, config, feature_map)
+        shapes, _ = jax.eval_shape(lambda m=model: m.init_dense(jax.random.key(0)))
+        out[cand.name] = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+    return out
+
+
 def check(config) -> None:
     """Rejects a bad pool, seed count or learning-rate grid with a ValueError naming the key."""
     ev = config.evaluate
