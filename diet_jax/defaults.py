@@ -123,6 +123,10 @@ def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
     # the 30,000-row stages 10 cost 1.41x a full-data epoch and 6 fit it (bench_distill.py),
     # with the same validation AUC (DIET - Random +0.0063 vs +0.0067; docs/distillation.md).
     c.distill.outer_iterations = 8 if tiny else 6  # phase 2 iterations per stage
+    # False: no phase 2; D_syn^t is phase 1's rows (fused, re-anchored, the teacher's logits).
+    # Frozen on the default's three replicates phase 2 was level or better without it
+    # (docs/distillation.md, "Phase 2 under the current defaults"); not yet the default.
+    c.distill.refine = True
     c.distill.inner_steps = 4 if tiny else 10  # M: proxy SGD steps on the active memory
     c.distill.window = 2 if tiny else 5  # W: differentiated steps (RaT-BPTT)
     c.distill.inner_lr = 0.05

@@ -76,6 +76,7 @@ EXCLUDE: tuple[str, ...] = (
 NEUTRAL: dict[str, Any] = {
     "distill.label_mix": 0.0,
     "distill.strata": 1,
+    "distill.refine": True,
     "evaluate.selection_label_mix": 0.0,
     "evaluate.lr_select": "rows",
     "evaluate.lr_select_top": 0,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import load_config
 
+from diet_jax import fingerprint as fp_lib
 from diet_jax import influence
 from diet_jax.data.store import FeatureMap
 from diet_jax.distill import addressing, bilevel, driver, phase1
@@ -337,6 +338,30 @@ def test_kill_and_resume_gives_the_same_memory(tiny_store, teacher_run, tmp_path
     # A finished run restores every stage and does no work.
     done = driver.distill(cfg, tiny_store, ref2, resumed)
     assert done.restored == ref2.stage_names and done.seconds == 0.0
+
+
+def test_no_refinement_keeps_phase_one_rows(tiny_store, teacher_run, tmp_path):
+    """distill.refine = False: every stage's D_syn^t is its phase-1 memory, row for row, with
+    no phase-2 iteration; the key changes the fingerprint (a refined run is not reused)."""
+    cfg, ref = teacher_run
+    cfg = cfg.copy_and_resolve_references()
+    ref2 = dataclasses.replace(ref, stage_names=ref.stage_names[:2])
+    cfg.distill.refine = False
+    root = str(tmp_path / "norefine")
+    run = driver.distill(cfg, tiny_store, ref2, root)
+    for t in (1, 2):
+        init = memory_lib.load(driver.stage_dir(driver.distill_root(root), t) + "/init")
+        for x, y in zip(jax.tree.leaves(run.memory(t)), jax.tree.leaves(init), strict=True):
+            np.testing.assert_array_equal(x, y)
+        assert run.stages[ref2.stage_names[t - 1]]["phase2_iterations"] == 0
+    on = cfg.copy_and_resolve_references()
+    on.distill.refine = True
+    fp = lambda c: fp_lib.fingerprint(c, "phase2")["fingerprint"]  # noqa: E731
+    assert fp(on) != fp(cfg)
+    # A config without the key (a run from before it) fingerprints as refine = True.
+    old = on.copy_and_resolve_references()
+    del old.distill["refine"]
+    assert fp(old) == fp(on)
 
 
 def test_bad_distill_config_is_rejected(tiny_store, teacher_run, tmp_path):

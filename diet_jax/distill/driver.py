@@ -473,44 +473,49 @@ def distill(
                 f"{init_path} comes from another config; remove {root} to distill again."
             )
 
-        # ---- phase 2: bi-level refinement
-        tx, outer_step = _optimizer_and_step(proxy_model, bcfg, optimizer_items, nan_policy, inject)
-        proxy = teacher if t == 1 else ref.stage_state(t - 1)  # theta_0 (random at t = 1)
-        if proxy_model is not model:
-            proxy = factory.ProxyInit(*proxy_model.init_dense(jax.random.key(config.seed + t)))
-        random_init = t == 1 or proxy_model is not model
-        ctx = bilevel.stage_context(teacher, proxy, n_rows, capacity, random_init=random_init)
-        state = bilevel.init_state(memory0, tx, seed=config.seed + t, capacity=capacity)
-        # Phase 2 holds the memory in its state (padded copy, Adam moments): neither D_syn^{t-1}
-        # nor phase 1's rows stay alive beside it (the memory grows with the stream), only the
-        # rows' provenance.
-        previous, memory0 = None, memory0.replace(e_NxFxD=None, logits_NxK=None)
-        phase1.release_free_heap()  # phase 1's freed passes, before phase 2's own buffers
-        if mesh is not None:
-            state = parallel.put_replicated(state, mesh)
-            shard = config.parallel.shard_embeddings
-            ctx = parallel.put(ctx, parallel.state_shardings(ctx, mesh, shard_embeddings=shard))
-        state, p2 = refine(
-            outer_step,
-            state,
-            stage,
-            ctx,
-            iterations=dc.outer_iterations,
-            batch_size=bs,
-            seed=config.seed + 1,
-            ckpt_dir=os.path.join(stage_dir(root, t), "ckpt"),
-            checkpoint_every=dc.checkpoint_every,
-            writer=writer,
-            log_every=dc.log_every,
-            progress=config.progress,
-            desc=f"distill {name}",
-            log_fields={"stage": name},
-            callback=callback,
-            sharding=parallel.batch_sharding(mesh),
-            record=record,
-            last_good=last_good or init_path,
-        )
-        memory = memory0.with_trainable(jax.tree.map(lambda a, n=n_rows: a[:n], state.syn))
+        # ---- phase 2: bi-level refinement (distill.refine = False: phase 1's rows are D_syn^t)
+        if dc.get("refine", True):
+            tx, outer_step = _optimizer_and_step(
+                proxy_model, bcfg, optimizer_items, nan_policy, inject
+            )
+            proxy = teacher if t == 1 else ref.stage_state(t - 1)  # theta_0 (random at t = 1)
+            if proxy_model is not model:
+                proxy = factory.ProxyInit(*proxy_model.init_dense(jax.random.key(config.seed + t)))
+            random_init = t == 1 or proxy_model is not model
+            ctx = bilevel.stage_context(teacher, proxy, n_rows, capacity, random_init=random_init)
+            state = bilevel.init_state(memory0, tx, seed=config.seed + t, capacity=capacity)
+            # Phase 2 holds the memory in its state (padded copy, Adam moments): neither D_syn^{t-1}
+            # nor phase 1's rows stay alive beside it (the memory grows with the stream), only the
+            # rows' provenance.
+            previous, memory0 = None, memory0.replace(e_NxFxD=None, logits_NxK=None)
+            phase1.release_free_heap()  # phase 1's freed passes, before phase 2's own buffers
+            if mesh is not None:
+                state = parallel.put_replicated(state, mesh)
+                shard = config.parallel.shard_embeddings
+                ctx = parallel.put(ctx, parallel.state_shardings(ctx, mesh, shard_embeddings=shard))
+            state, p2 = refine(
+                outer_step,
+                state,
+                stage,
+                ctx,
+                iterations=dc.outer_iterations,
+                batch_size=bs,
+                seed=config.seed + 1,
+                ckpt_dir=os.path.join(stage_dir(root, t), "ckpt"),
+                checkpoint_every=dc.checkpoint_every,
+                writer=writer,
+                log_every=dc.log_every,
+                progress=config.progress,
+                desc=f"distill {name}",
+                log_fields={"stage": name},
+                callback=callback,
+                sharding=parallel.batch_sharding(mesh),
+                record=record,
+                last_good=last_good or init_path,
+            )
+            memory = memory0.with_trainable(jax.tree.map(lambda a, n=n_rows: a[:n], state.syn))
+        else:
+            memory, p2 = memory0, {"seconds": 0.0, "iterations": 0, "resumed_from": 0}
         # Phase 2's state (the memory padded to the largest stage's rows and its two Adam
         # moments) and context are not kept through the next stage's phase 1.
         state = ctx = None
