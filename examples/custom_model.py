@@ -48,10 +48,10 @@ class DeepFM(nn.Module):
 def main(argv) -> None:
     import logging as std_logging
 
-    import jax
     from absl import logging
 
     import diet_jax
+    from diet_jax import io_utils
     from diet_jax.evaluate import report
 
     del argv
@@ -60,8 +60,7 @@ def main(argv) -> None:
     logging.get_absl_handler().addFilter(
         lambda r: r.levelno >= std_logging.WARNING or "orbax" not in r.pathname
     )
-    cache = os.environ.get("DIET_JAX_CACHE", os.path.expanduser("~/.cache/diet_jax_jax_cache"))
-    jax.config.update("jax_compilation_cache_dir", cache)
+    io_utils.enable_compilation_cache()  # as diet_jax.main
     config, workdir = _CONFIG.value, _WORKDIR.value
 
     # 1. The pipeline, with DeepFM (this file's class) as the distillation proxy.

@@ -26,9 +26,9 @@ import json
 import os
 import time
 
-import jax
 import numpy as np
 
+from diet_jax import io_utils
 from diet_jax.data import prepare
 from diet_jax.distill import driver
 from diet_jax.distill import memory as memory_lib
@@ -36,10 +36,7 @@ from diet_jax.evaluate import methods, protocol, sweep
 from diet_jax.models import BACKBONES, build_model
 from diet_jax.train.reference import train_reference
 
-jax.config.update(
-    "jax_compilation_cache_dir",
-    os.environ.get("DIET_JAX_CACHE", os.path.expanduser("~/.cache/diet_jax_jax_cache")),
-)
+io_utils.enable_compilation_cache()
 
 
 @dataclasses.dataclass

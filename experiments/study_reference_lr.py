@@ -26,20 +26,16 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diet_jax import results
+from diet_jax import io_utils, results
 from diet_jax.data import prepare
 from diet_jax.evaluate import fidelity, methods, pool, protocol
 from diet_jax.io_utils import atomic_write_json
 from diet_jax.train.reference import train_reference
 
-jax.config.update(
-    "jax_compilation_cache_dir",
-    os.environ.get("DIET_JAX_CACHE", os.path.expanduser("~/.cache/diet_jax_jax_cache")),
-)
+io_utils.enable_compilation_cache()
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/synthetic.py", "The config the run in --workdir was made with."

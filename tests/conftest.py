@@ -11,12 +11,10 @@ jax.config.update("jax_num_cpu_devices", 4)
 # The environment variable carries the setting into the subprocesses some tests start.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 jax.config.update("jax_disable_most_optimizations", True)
-jax.config.update(
-    "jax_compilation_cache_dir",
-    os.environ.get("DIET_JAX_CACHE", os.path.expanduser("~/.cache/diet_jax_jax_cache")),
-)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+from diet_jax import io_utils  # noqa: E402
+
+io_utils.enable_compilation_cache()  # main's cache: $DIET_JAX_CACHE, every program kept
 
 import pytest  # noqa: E402
 
