@@ -21,6 +21,9 @@ import ast
 import dataclasses
 from typing import Any, NamedTuple
 
+import jax
+import numpy as np
+
 from diet_jax.models.factory import BACKBONES, RecModel, build_model
 
 
@@ -163,9 +166,6 @@ def build(cand: Candidate, config, feature_map) -> RecModel:
 def dense_params(config, feature_map) -> dict[str, int]:
     """{candidate: its dense network's parameter count} for the pool of `config`, built
     abstractly (`jax.eval_shape`: no weights are made)."""
-    import jax  # here: the pool's parsing and checks need no JAX
-    import numpy as np
-
     out = {}
     for cand in candidates(config):
         model = build(cand, config, feature_map)
