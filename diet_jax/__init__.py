@@ -10,7 +10,7 @@ The stable API (docs/library.md), imported on first use so that `import diet_jax
     bilevel, make_outer_step, BilevelConfig, ...         DIET phase 2's outer step
     protocol, run_candidate                              the candidate protocol
     fidelity, fidelity_table, spearman, kendall          fidelity to full-data training
-    noise_ceiling, seed_agreement                        how far a rank correlation can go
+    noise_ceiling, seed_agreement, faithful_tau          how far a rank correlation can go
     pipeline, run                                        the whole pipeline for one config
 """
 
@@ -66,6 +66,7 @@ _API = {
     "kendall": ("diet_jax.evaluate.fidelity", "kendall"),
     "noise_ceiling": ("diet_jax.evaluate.fidelity", "noise_ceiling"),
     "seed_agreement": ("diet_jax.evaluate.fidelity", "seed_agreement"),
+    "faithful_tau": ("diet_jax.evaluate.fidelity", "faithful_tau"),
     # the pipeline
     "pipeline": ("diet_jax.pipeline", None),
     "run": ("diet_jax.pipeline", "run"),

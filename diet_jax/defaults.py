@@ -124,9 +124,11 @@ def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
     # with the same validation AUC (DIET - Random +0.0063 vs +0.0067; docs/distillation.md).
     c.distill.outer_iterations = 8 if tiny else 6  # phase 2 iterations per stage
     # False: no phase 2; D_syn^t is phase 1's rows (fused, re-anchored, the teacher's logits).
-    # Frozen on the default's three replicates phase 2 was level or better without it
-    # (docs/distillation.md, "Phase 2 under the current defaults"); not yet the default.
-    c.distill.refine = True
+    # Chosen on validation over the default's three replicates (9 seeds): without phase 2 the
+    # pool mean is 0.6927 against 0.6914, 5 of 5 bases above Random against 4, tau 0.60 / 0.62
+    # (docs/distillation.md, "Phase 2 under the current defaults"). `:tiny` keeps phase 2 on so
+    # that the tests and the smoke run go through the whole of Algorithm 2.
+    c.distill.refine = tiny
     c.distill.inner_steps = 4 if tiny else 10  # M: proxy SGD steps on the active memory
     c.distill.window = 2 if tiny else 5  # W: differentiated steps (RaT-BPTT)
     c.distill.inner_lr = 0.05

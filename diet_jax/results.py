@@ -10,7 +10,9 @@
      "fidelity": {...}, "fidelity_ceiling": {...}, "timings": {...}}
 
 "fidelity_ceiling" (evaluate/fidelity.py `noise_ceiling`): Full Data's agreement with itself,
-each seed's Kendall tau / Spearman against the mean of the other seeds; {} with one seed.
+each seed's Kendall tau / Spearman against the mean of the other seeds, and "faithful_kendall"
+(`faithful_tau`: {"mean", "interval", "seeds", ...}, the tau a method ranking like Full Data
+with its seed noise would reach); {} with one seed.
 
 The file is strict JSON: a value with no finite number (a ratio with no historical phase, a
 diverged rate's AUC) is written as null; `read` (and `load_or_new`) give it back as NaN.

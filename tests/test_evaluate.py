@@ -100,6 +100,45 @@ def test_noise_ceiling_is_full_datas_leave_one_seed_out_agreement():
     assert table["diet"]["seed_kendall"] == pytest.approx(1 / 3)
 
 
+def test_faithful_tau_by_hand():
+    """fidelity.faithful_tau: the tau of two independent S-seed means around the reference's
+    shrunk true means. Two candidates: tau is +1 when both draws order them alike, so its mean
+    is (2p - 1)^2 with p = Phi(delta / (sigma sqrt(2 / S))), delta the shrunk difference."""
+    import math
+
+    # Two candidates, 4 seeds: means 0.60 and 0.61, seed std 0.01 each (sample, ddof 1).
+    base = np.array([-1.0, 1.0, -1.0, 1.0]) * 0.01 * np.sqrt(3 / 4)
+    auc = np.stack([0.60 + base, 0.61 + base[::-1]])
+    s = 4
+    observed = np.var([0.60, 0.61], ddof=1)
+    true_var = observed - 0.01**2 / s
+    delta = 0.01 * np.sqrt(true_var / observed)
+    p = 0.5 * (1 + math.erf(delta / (0.01 * np.sqrt(2 / s)) / math.sqrt(2)))
+    got = fidelity.faithful_tau(auc, draws=40_000, seed=1)
+    assert got["seeds"] == 4
+    assert got["true_spread_std"] == pytest.approx(np.sqrt(true_var))
+    assert got["mean"] == pytest.approx((2 * p - 1) ** 2, abs=0.01)
+    # No seed noise: every draw ranks like the reference.
+    exact = np.repeat(np.array([[0.1], [0.3], [0.2]]), 3, axis=1)
+    assert fidelity.faithful_tau(exact)["mean"] == 1.0
+    assert fidelity.faithful_tau(exact)["interval"] == [1.0, 1.0]
+    # Noise that explains the whole spread: no true differences, tau centred on 0.
+    rng = np.random.default_rng(0)
+    flat = 0.6 + rng.normal(size=(12, 3)) * 0.01
+    flat -= flat.mean(1, keepdims=True) - 0.6  # identical seed means
+    none = fidelity.faithful_tau(flat, draws=4000)
+    assert none["true_spread_std"] == 0.0 and abs(none["mean"]) < 0.02
+    assert fidelity.faithful_tau(np.ones((3, 1))) == {}
+    # noise_ceiling carries it for Full Data.
+    rows = [
+        {"method": "full_data", "model": m, "per_seed": [{"auc": a} for a in auc[i]]}
+        for i, m in enumerate(["a", "b"])
+    ]
+    assert fidelity.noise_ceiling(rows)["faithful_kendall"]["mean"] == pytest.approx(
+        got["mean"], abs=0.02
+    )
+
+
 def test_random_rows_exact_count_distinct_and_seeded():
     idx = baselines.random_rows(1000, 37, seed=3)
     assert idx.size == 37 and np.unique(idx).size == 37 and (np.diff(idx) > 0).all()
@@ -688,3 +727,41 @@ def test_fidelity_check_pools_a_variant_replicate_filled_from_its_base(tiny_run,
         [*cmd, f"--replicate_fill_from={base},{base}"], capture_output=True, text=True, cwd=ROOT
     )
     assert bad.returncode != 0 and "2 entries for 1 replicates" in bad.stderr
+
+
+def test_table4_pool_rows_read_the_base_and_refuse_the_base_itself(tiny_run, tmp_path):
+    """experiments/table4.py --base: a row's four digits (MF, TS, MS, P2; three = phase 2 on)
+    are checked before anything runs; a row equal to the base run's own components (read from
+    its config.json, phase 2 on in `:tiny`) is refused, as is a malformed code; a base run
+    from before `distill.refine` counts as refined."""
+    import json
+    import subprocess
+    import sys
+
+    workdir, _ = tiny_run
+    script = os.path.join(ROOT, "experiments", "table4.py")
+
+    def run(base, codes):
+        cmd = [sys.executable, script, f"--base={base}", f"--root={tmp_path / 'r'}"]
+        return subprocess.run(
+            [*cmd, f"--pool_variants={codes}"], capture_output=True, text=True, cwd=ROOT
+        )
+
+    for codes in ("111", "1111", "0110,1111"):
+        done = run(workdir, codes)
+        assert done.returncode != 0 and "is the base run itself" in done.stderr, done.stderr[-800:]
+    done = run(workdir, "11x1")
+    assert done.returncode != 0 and "not three or four 0/1 digits" in done.stderr
+    # Without phase 2 the base is "1--0": 1110, 1000 and 1010 all name it (TS, MS moot).
+    cfg = json.loads(open(os.path.join(workdir, "config.json")).read())
+    cfg["distill"]["refine"] = False
+    norefine = tmp_path / "norefine"
+    norefine.mkdir()
+    (norefine / "config.json").write_text(json.dumps(cfg))
+    for codes in ("1110", "1000", "1010"):
+        done = run(norefine, codes)
+        assert done.returncode != 0 and "is the base run itself" in done.stderr
+    del cfg["distill"]["refine"]  # a run from before the key: phase 2 ran
+    (norefine / "config.json").write_text(json.dumps(cfg))
+    done = run(norefine, "111")
+    assert done.returncode != 0 and "is the base run itself" in done.stderr

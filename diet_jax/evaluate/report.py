@@ -139,9 +139,22 @@ def ceiling_markdown(ceiling: dict) -> list[str]:
         f"with Kendall tau {ceiling['kendall']:.2f} (per seed {per_seed}; Spearman "
         f"{ceiling['spearman']:.2f}): a method's tau near this figure is as good as another "
         "Full Data seed. Seed agreement (table): the same for each method against itself, i.e. "
-        "how much of its ranking is seed noise.",
+        "how much of its ranking is seed noise."
+        + _faithful_sentence(ceiling.get("faithful_kendall") or {}),
         "",
     ]
+
+
+def _faithful_sentence(faithful: dict) -> str:
+    if not faithful:
+        return ""
+    lo, hi = faithful["interval"]
+    return (
+        f" A faithful method (Full Data's true means and seed noise, {faithful['seeds']} seeds "
+        f"against {faithful['seeds']}: `fidelity.faithful_tau`) would reach tau "
+        f"{faithful['mean']:.2f} [{lo:.2f}, {hi:.2f}] against Full Data's seed means; a "
+        "method's tau is read against this."
+    )
 
 
 COST_NOTE = (
