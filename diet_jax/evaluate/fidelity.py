@@ -38,17 +38,21 @@ def spearman(a, b) -> float:
     return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
 
 
+def _kendall_rows(a_DxC: np.ndarray, b_DxC: np.ndarray) -> np.ndarray:
+    """`kendall` of every row pair (a[d], b[d]) at once: [D] taus."""
+    i, j = np.triu_indices(a_DxC.shape[1], k=1)
+    da, db = np.sign(a_DxC[:, i] - a_DxC[:, j]), np.sign(b_DxC[:, i] - b_DxC[:, j])
+    denom = np.sqrt((da != 0).sum(1).astype(np.float64) * (db != 0).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, (da * db).sum(1) / denom, np.nan)
+
+
 def kendall(a, b) -> float:
     """Kendall's tau-b over all pairs, with the tie correction. NaN if undefined."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.size < 2:
         return float("nan")
-    i, j = np.triu_indices(a.size, k=1)
-    da, db = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
-    concordant_minus_discordant = (da * db).sum()
-    n_a, n_b = (da != 0).sum(), (db != 0).sum()
-    denom = np.sqrt(float(n_a) * float(n_b))
-    return float(concordant_minus_discordant / denom) if denom > 0 else float("nan")
+    return float(_kendall_rows(a[None], b[None])[0])
 
 
 def seed_stats(values) -> tuple[float, float]:
@@ -202,15 +206,6 @@ def seed_agreement(results: list[dict], method: str) -> dict:
         "spearman": float(np.mean(rhos)),
         "models": [r["model"] for r in entries],
     }
-
-
-def _kendall_rows(a_DxC: np.ndarray, b_DxC: np.ndarray) -> np.ndarray:
-    """`kendall` of every row pair (a[d], b[d]) at once: [D] taus."""
-    i, j = np.triu_indices(a_DxC.shape[1], k=1)
-    da, db = np.sign(a_DxC[:, i] - a_DxC[:, j]), np.sign(b_DxC[:, i] - b_DxC[:, j])
-    denom = np.sqrt((da != 0).sum(1).astype(np.float64) * (db != 0).sum(1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, (da * db).sum(1) / denom, np.nan)
 
 
 def faithful_tau(auc_CxS, draws: int = 4000, seed: int = 0, level: float = 0.95) -> dict:
