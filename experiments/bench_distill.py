@@ -11,7 +11,8 @@
 
 Prints the time per outer iteration and the distillation time per stage extrapolated to
 `distill.outer_iterations` (phase 1 + iterations x time per iteration; compilation, paid once per
-run, printed apart), and its ratio to the full-data epoch. The extrapolation is linear in the
+run, printed apart; phase 1 alone when `distill.refine` is False, the default), and its ratio to
+the full-data epoch. The extrapolation is linear in the
 iteration count: every iteration does the same work on arrays of the same shapes.
 """
 
@@ -105,7 +106,9 @@ def main(_):
         jax.block_until_ready(dstate)
         times.append(time.perf_counter() - t0)
     per_it = float(np.median(times))
-    stage_s = phase1_s + dc.outer_iterations * per_it
+    # distill.refine = False: a stage is phase 1 alone (phase 2 is still timed, for the record).
+    iterations = dc.outer_iterations if dc.get("refine", True) else 0
+    stage_s = phase1_s + iterations * per_it
 
     dense = sum(x.size for x in jax.tree.leaves(params["dense"]))
     print(
@@ -129,8 +132,9 @@ def main(_):
         f"{max(times) * 1e3:.0f}, {len(times)} timed)"
     )
     print(
-        f"distillation per stage at outer_iterations={dc.outer_iterations} (extrapolated "
-        f"from {len(times)}): {stage_s:.1f} s = {stage_s / epoch_s:.2f}x the full-data epoch"
+        f"distillation per stage (refine={dc.get('refine', True)}, {iterations} outer "
+        f"iterations, extrapolated from {len(times)}): {stage_s:.1f} s = "
+        f"{stage_s / epoch_s:.2f}x the full-data epoch"
     )
     print(f"load average {os.getloadavg()[0]:.1f} (shared CPU)")
     print(
