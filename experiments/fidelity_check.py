@@ -107,6 +107,11 @@ def scorecard(res: dict) -> dict:
         "criteria": {k: {"pass": bool(v[0]), "value": v[1]} for k, v in criteria.items()},
         # Recomputed from the entries, so that a results.json of an older release has them too.
         "ceiling": fidelity.noise_ceiling(res["results"]),
+        # Recomputed too (bootstrap off: instant), for results.json files from before the key.
+        "single_seed_kendall": {
+            m: f.get("single_seed_kendall", float("nan"))
+            for m, f in fidelity.fidelity_table(res["results"], bootstrap=0).items()
+        },
         "seed_kendall": {
             m: fidelity.seed_agreement(res["results"], m).get("kendall", float("nan"))
             for m in points
@@ -136,8 +141,8 @@ def markdown(card: dict) -> str:
         "",
         "| method | pool-mean AUC (± std over seeds) | Kendall tau [95% CI] | "
         "Spearman [95% CI] | historical ratio (whole / per epoch) | end to end | "
-        "seed agreement |",
-        "|---|---|---|---|---|---|---|",
+        "seed agreement | one seed's tau |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m, p in card["pool"].items():
         f = card["fidelity"].get(m, {})
@@ -147,12 +152,14 @@ def markdown(card: dict) -> str:
             else "-"
         )
         agree = f"{card['seed_kendall'].get(m, float('nan')):.2f}"
+        one = card["single_seed_kendall"].get(m)
+        one = "-" if one is None or math.isnan(one) else f"{one:.2f}"
         out.append(
             f"| {m} | {p['auc']:.4f} ± {p['auc_err']:.4f} | "
             f"{_ci(f, 'kendall') if f else '-'} | {_ci(f, 'spearman') if f else '-'} | "
-            f"{ratios} | {_x(f.get('cost_ratio_end_to_end'))} | {agree} |"
+            f"{ratios} | {_x(f.get('cost_ratio_end_to_end'))} | {agree} | {one} |"
             if f
-            else f"| {m} | {p['auc']:.4f} ± {p['auc_err']:.4f} | - | - | - | - | {agree} |"
+            else f"| {m} | {p['auc']:.4f} ± {p['auc_err']:.4f} | - | - | - | - | {agree} | - |"
         )
     out += ["", "| criterion | result | figure |", "|---|---|---|"]
     for k, v in card["criteria"].items():

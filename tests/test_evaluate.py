@@ -100,6 +100,35 @@ def test_noise_ceiling_is_full_datas_leave_one_seed_out_agreement():
     assert table["diet"]["seed_kendall"] == pytest.approx(1 / 3)
 
 
+def test_single_seed_kendall_by_hand():
+    """fidelity_table's single_seed_kendall: each seed of the method against the reference's
+    seed means, averaged. Here one seed ranks a < b < c like Full Data (+1), the other the
+    reverse (-1): 0, while the seed means (a 0.175, b = c 0.2) give tau-b 2 / sqrt(6)."""
+
+    def r(model, aucs, method):
+        return {
+            "method": method,
+            "model": model,
+            "per_seed": [{"auc": a} for a in aucs],
+            "auc": float(np.mean(aucs)),
+            "train_seconds": 1.0,
+        }
+
+    rows = [
+        r("a", [0.1, 0.1], "full_data"),
+        r("b", [0.2, 0.2], "full_data"),
+        r("c", [0.3, 0.3], "full_data"),
+        r("a", [0.1, 0.25], "diet"),
+        r("b", [0.2, 0.2], "diet"),
+        r("c", [0.3, 0.1], "diet"),
+    ]
+    f = fidelity.fidelity_table(rows, bootstrap=0)["diet"]
+    assert f["single_seed_kendall"] == pytest.approx(0.0)
+    assert f["kendall"] == pytest.approx(2 / np.sqrt(6))
+    one = [dict(x, per_seed=x["per_seed"][:1]) for x in rows]  # one seed: no such figure
+    assert "single_seed_kendall" not in fidelity.fidelity_table(one, bootstrap=0)["diet"]
+
+
 def test_faithful_tau_by_hand():
     """fidelity.faithful_tau: the tau of two independent S-seed means around the reference's
     shrunk true means. Two candidates: tau is +1 when both draws order them alike, so its mean

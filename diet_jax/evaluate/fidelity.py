@@ -139,7 +139,8 @@ def fidelity_table(
     reduced method evaluate.max_epochs): the paper's Table 5 "Time/ep" comparison.
     Correlations are over the seed-mean AUCs; their 95% intervals resample candidates and seeds
     (`bootstrap` resamples; 0 = none). `seed_kendall`: the method's leave-one-seed-out tau with
-    itself (`seed_agreement`).
+    itself (`seed_agreement`). `single_seed_kendall` (with several seeds): the mean over seeds of
+    the tau between one seed's AUCs and the reference's seed means.
     """
     by = {(r["method"], r["model"]): r for r in results}
     ref_models = sorted(m for (meth, m) in by if meth == reference_method)
@@ -172,6 +173,15 @@ def fidelity_table(
             "seed_kendall": seed_agreement(mine, method).get("kendall", float("nan")),
         }
         a, b = _per_seed_aucs(mine), _per_seed_aucs(ref)
+        if a is not None and b is not None and a.shape[1] > 1:
+            # One seed of the method against the reference's seed means, averaged over seeds:
+            # set beside "kendall" (seed means against seed means), it says how much of the
+            # method's tau comes from averaging its seeds (for Random, new rows per seed; for a
+            # method whose rows are one set, only init and order).
+            ref_mean = b.mean(axis=1)
+            out[method]["single_seed_kendall"] = float(
+                np.mean([kendall(a[:, s], ref_mean) for s in range(a.shape[1])])
+            )
         if bootstrap > 0 and a is not None and b is not None and a.shape == b.shape:
             resamples = bootstrap_resamples(a.shape[0], a.shape[1], bootstrap)
             out[method]["kendall_ci"] = list(bootstrap_interval(a, b, kendall, resamples))
