@@ -113,6 +113,10 @@ def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
     # fine-tune's rate 1e-3 (docs/distillation.md, "Phase 1 rows spread over the scores"):
     # DIET - (strata 1) +0.0013, +0.0047, +0.0003 on three replicates (seeds 0, 10, 20).
     c.distill.strata = 0
+    # Where phase 1 takes each score range's row: "middle" (deterministic given the teacher) or
+    # "random" (seeded by config.seed and the stage: a stratified random sample, so that each
+    # evaluation seed can have its own distillation, evaluate.distill_per_seed).
+    c.distill.strata_pick = "middle"
     # Phase 1's budget over label groups: "balanced" (equal shares) or "proportional" (as the
     # stage's label distribution). Chosen on the validation day by how DIET ranks the pool
     # (docs/distillation.md, "Label groups and the ranking"): balanced rows, with the rare
@@ -182,6 +186,11 @@ def base_config(tiny: bool = False) -> ml_collections.ConfigDict:
     c.evaluate.candidates = pool.TINY_POOL if tiny else pool.DEFAULT_POOL
     c.evaluate.models = ()  # names of the candidates to run; () = the whole pool
     c.evaluate.seeds = 1 if tiny else 3  # seeds config.seed, config.seed + 1, ... of every entry
+    # DIET distilled once per evaluation seed (each with that seed as config.seed, under
+    # <workdir>/seeds/seed<s>/distill), as Random draws its rows per seed; False: one
+    # distillation (config.seed's) shared by every seed. Useful with distill.strata_pick
+    # "random" or phase 2 on, whose rows depend on the seed.
+    c.evaluate.distill_per_seed = False
     # Adam learning rates for the reduced-data epochs, chosen on validation AUC (paper 5.1.4).
     c.evaluate.lr_grid = (1e-3, 1e-2) if tiny else (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 2e-2)
     c.evaluate.learning_rate = 3e-3 if tiny else 1e-3  # used when lr_grid is ()

@@ -33,6 +33,7 @@ KEYS: dict[str, tuple[str, ...]] = {
         "ratio",
         "distill.percentile",
         "distill.strata",  # phase 1's rows spread over score levels
+        "distill.strata_pick",  # where in each score range (random: config.seed is an input)
         "distill.group_split",
         "distill.memory_fusion",
         "distill.retention",  # how many earlier rows the stage's memory keeps
@@ -77,6 +78,8 @@ NEUTRAL: dict[str, Any] = {
     "distill.label_mix": 0.0,
     "distill.strata": 1,
     "distill.refine": True,
+    "distill.strata_pick": "middle",
+    "evaluate.distill_per_seed": False,
     "evaluate.selection_label_mix": 0.0,
     "evaluate.lr_select": "rows",
     "evaluate.lr_select_top": 0,

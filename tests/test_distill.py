@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -362,6 +363,38 @@ def test_no_refinement_keeps_phase_one_rows(tiny_store, teacher_run, tmp_path):
     old = on.copy_and_resolve_references()
     del old.distill["refine"]
     assert fp(old) == fp(on)
+
+
+def test_random_pick_gives_each_evaluation_seed_its_own_distillation(
+    tiny_store, teacher_run, tmp_path
+):
+    """distill.strata_pick = "random" with evaluate.distill_per_seed: each seed other than
+    config.seed gets a distillation of its own (other rows, same size) under
+    <workdir>/seeds/seed<s>; "middle" with phase 2 off gives the same rows whatever the seed;
+    a bad pick is refused."""
+    from diet_jax.evaluate import methods
+
+    cfg, ref = teacher_run
+    cfg = cfg.copy_and_resolve_references()
+    ref2 = dataclasses.replace(ref, stage_names=ref.stage_names[:2])
+    cfg.distill.refine = False
+    cfg.distill.strata = 0
+    rows = {}
+    for pick in ("random", "middle"):
+        cfg.distill.strata_pick = pick
+        own = driver.distill(cfg, tiny_store, ref2, str(tmp_path / pick)).final
+        other = methods.diet_memories_per_seed(
+            cfg, tiny_store, ref2, str(tmp_path / pick), [cfg.seed, cfg.seed + 1]
+        )
+        assert list(other) == [cfg.seed + 1]
+        assert os.path.isdir(tmp_path / pick / "seeds" / f"seed{cfg.seed + 1}" / "distill")
+        rows[pick] = (np.asarray(own.row_N), np.asarray(other[cfg.seed + 1].row_N))
+        assert len(own) == len(other[cfg.seed + 1])
+    assert not np.array_equal(*rows["random"])
+    np.testing.assert_array_equal(*rows["middle"])
+    cfg.distill.strata_pick = "edge"
+    with pytest.raises(ValueError, match="strata_pick"):
+        driver.distill(cfg, tiny_store, ref2, str(tmp_path / "bad"))
 
 
 def test_bad_distill_config_is_rejected(tiny_store, teacher_run, tmp_path):

@@ -290,3 +290,24 @@ def test_release_free_heap_is_a_no_op_without_malloc_trim(monkeypatch):
     monkeypatch.setattr(phase1, "_malloc_trim", lambda: calls.append)
     phase1.release_free_heap()
     assert calls == [0]
+
+
+def test_random_pick_keeps_one_row_per_range_and_varies_with_the_seed():
+    """strata 0 with a pick generator: still one window per rank range (same ranges, same
+    counts, disjoint, ascending), at a random place in it; another seed picks other rows, the
+    same seed the same ones; strata 1 (one percentile window) ignores the generator."""
+    n, k = 1000, 37
+    middle = phase1.rank_windows(n, k, 0.5, 0)
+    edges = [(i * n) // k for i in range(k + 1)]
+    for seed in (0, 1):
+        picked = phase1.rank_windows(n, k, 0.5, 0, phase1.pick_rng(seed, 3))
+        assert len(picked) == k
+        for (a, b), lo, hi in zip(picked, edges[:-1], edges[1:], strict=True):
+            assert lo <= a and b <= hi and b - a == 1
+    one = phase1.rank_windows(n, k, 0.5, 0, phase1.pick_rng(0, 3))
+    assert one == phase1.rank_windows(n, k, 0.5, 0, phase1.pick_rng(0, 3))
+    assert one != phase1.rank_windows(n, k, 0.5, 0, phase1.pick_rng(1, 3)) != middle
+    assert phase1.rank_windows(n, k, 0.5, 1, phase1.pick_rng(0, 3)) == phase1.rank_windows(
+        n, k, 0.5, 1
+    )
+    assert phase1.pick_rng(None, 3) is None

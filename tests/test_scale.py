@@ -89,14 +89,19 @@ def test_chunked_selections_equal_the_in_memory_ones(n, q, split, strata):
     rows = 5000
     scores = _scores_with_ties(rng, rows)
     y = (rng.random((rows, 3)) < [0.4, 0.1, 0.03]).astype(np.uint8)
-    want = phase1.select_boundary(scores, y, n, q, split, strata)
-    got = phase1.select_boundary_chunked(scores, y, n, q, chunk=333, split=split, strata=strata)
-    np.testing.assert_array_equal(got, want)
-    assert got.size == n and np.unique(got).size == n
-    np.testing.assert_array_equal(
-        phase1.select_percentile_chunked(scores, n, q, chunk=777, strata=strata),
-        phase1.select_percentile(scores, n, q, strata),
-    )
+    for pick in (None, 7):  # the middle of each score range, or a seeded random place in it
+        want = phase1.select_boundary(scores, y, n, q, split, strata, pick_seed=pick)
+        got = phase1.select_boundary_chunked(
+            scores, y, n, q, chunk=333, split=split, strata=strata, pick_seed=pick
+        )
+        np.testing.assert_array_equal(got, want)
+        assert got.size == n and np.unique(got).size == n
+        np.testing.assert_array_equal(
+            phase1.select_percentile_chunked(
+                scores, n, q, chunk=777, strata=strata, pick_seed=pick
+            ),
+            phase1.select_percentile(scores, n, q, strata, pick_seed=pick),
+        )
 
 
 def test_streamed_phase1_scores_and_rows_equal_the_in_memory_ones(

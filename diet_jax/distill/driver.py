@@ -87,6 +87,18 @@ def load_final(workdir: str) -> Memory:
     return memory_lib.load(os.path.join(root, done[-1], "memory"))
 
 
+STRATA_PICKS = ("middle", "random")
+
+
+def pick_seed(config, t: int) -> int | None:
+    """Stage t's seed of phase 1's random stratified pick (`distill.strata_pick` = "random"),
+    from config.seed: each evaluation seed's distillation draws its own rows; None = the middle
+    of each score range (deterministic given the teacher)."""
+    if config.distill.get("strata_pick", "middle") != "random":
+        return None
+    return int(config.seed) * 1000 + int(t)
+
+
 def check_config(dc) -> None:
     """Rejects distillation settings that would fail later with an obscure error."""
     for key in ("outer_iterations", "inner_steps", "window", "log_every"):
@@ -106,6 +118,10 @@ def check_config(dc) -> None:
         raise ValueError(
             "config.distill.strata must be 0 (one score range per row kept) or a positive "
             f"integer, got {dc.strata!r}."
+        )
+    if dc.get("strata_pick", "middle") not in STRATA_PICKS:
+        raise ValueError(
+            f"config.distill.strata_pick must be one of {STRATA_PICKS}, got {dc.strata_pick!r}."
         )
     for key in ("inner_lr", "meta_lr_embed", "meta_lr_labels"):
         if dc[key] <= 0:
@@ -462,6 +478,7 @@ def distill(
                 rows_of=lambda o, r: store.stage(ref.stage_names[o - 1]).x_NxF[r],
                 label_mix=dc.label_mix,
                 strata=dc.strata,
+                pick_seed=pick_seed(config, t),
             )
             _save_memory(init_path, memory0, init_record)
             info.update(p1)
@@ -549,9 +566,10 @@ def stage_records(config, teacher_fp: str | None, num_stages: int) -> list[tuple
     is D_syn^T's. Computed from the config alone, before any work."""
     out, previous_fp = [], None
     for t in range(1, num_stages + 1):
-        init_record = fp_lib.fingerprint(
-            config, "phase1", {"teacher": teacher_fp, "previous": previous_fp, "stage": t}
-        )
+        inputs = {"teacher": teacher_fp, "previous": previous_fp, "stage": t}
+        if pick_seed(config, t) is not None:  # a random pick depends on config.seed
+            inputs["pick_seed"] = pick_seed(config, t)
+        init_record = fp_lib.fingerprint(config, "phase1", inputs)
         record = fp_lib.fingerprint(
             config, "phase2", {"teacher": teacher_fp, "init": init_record["fingerprint"]}
         )

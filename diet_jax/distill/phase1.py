@@ -103,14 +103,17 @@ def group_budget(sizes_G, n: int, split: str = "balanced") -> np.ndarray:
     raise ValueError(f"config.distill.group_split must be one of {GROUP_SPLITS}, got {split!r}.")
 
 
-def select_percentile(scores_N, k: int, q: float, strata: int = 1) -> np.ndarray:
+def select_percentile(
+    scores_N, k: int, q: float, strata: int = 1, pick_seed: int | None = None, code: int = 0
+) -> np.ndarray:
     """Indices (ascending) of the k rows whose score rank is nearest the q-quantile rank.
 
     Ranks are 0..n-1 by ascending score (ties: lower index first); the target rank is q (n-1);
     the k nearest ranks form a window centred on it, shifted inside [0, n) at the edges.
     With `strata` S > 1 (or 0: one per row) the rows come from S windows instead
     (`rank_windows`): the middle of each of S equal rank ranges, so the selection spans every
-    score level (q is not used).
+    score level (q is not used); `pick_seed`: a random place in each range (`pick_rng` of
+    `code`, the label group's) instead of its middle.
     """
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"percentile must lie in [0, 1], got {q}.")
@@ -121,11 +124,18 @@ def select_percentile(scores_N, k: int, q: float, strata: int = 1) -> np.ndarray
     if k >= n:
         return np.arange(n, dtype=np.int64)
     order = np.argsort(scores, kind="stable")
-    return np.sort(np.concatenate([order[a:b] for a, b in rank_windows(n, k, q, strata)]))
+    windows = rank_windows(n, k, q, strata, pick_rng(pick_seed, code))
+    return np.sort(np.concatenate([order[a:b] for a, b in windows]))
 
 
 def select_boundary(
-    scores_N, y_NxK, n: int, q: float, split: str = "balanced", strata: int = 1
+    scores_N,
+    y_NxK,
+    n: int,
+    q: float,
+    split: str = "balanced",
+    strata: int = 1,
+    pick_seed: int | None = None,
 ) -> np.ndarray:
     """Phase 1's selection S_t: per label group, the rows nearest percentile q (or spread over
     `strata` score levels); the budget n split across groups by `group_budget`. Returns row
@@ -137,7 +147,8 @@ def select_boundary(
     for g in range(groups.size):
         members = np.flatnonzero(inverse == g)
         scores_g = np.asarray(scores_N)[members]
-        picked.append(members[select_percentile(scores_g, counts[g], q, strata)])
+        rows = select_percentile(scores_g, counts[g], q, strata, pick_seed, int(groups[g]))
+        picked.append(members[rows])
     return np.sort(np.concatenate(picked)) if picked else np.zeros((0,), np.int64)
 
 
@@ -147,7 +158,16 @@ def window_start(n: int, k: int, q: float) -> int:
     return min(max(start, 0), n - k)
 
 
-def rank_windows(n: int, k: int, q: float, strata: int = 1) -> list[tuple[int, int]]:
+def pick_rng(pick_seed: int | None, code: int) -> np.random.Generator | None:
+    """The generator of a label group's random stratified pick (`distill.strata_pick` =
+    "random"), seeded by (pick_seed, group code) so that every path that selects the group (in
+    memory or in chunks) draws the same rows; None (the middle of each range) without a seed."""
+    return None if pick_seed is None else np.random.default_rng([int(pick_seed), int(code)])
+
+
+def rank_windows(
+    n: int, k: int, q: float, strata: int = 1, rng: np.random.Generator | None = None
+) -> list[tuple[int, int]]:
     """The rank windows [start, end) that hold the k rows picked from n ranked rows.
 
     strata = 1: one window centred on rank q (n - 1) (`window_start`). strata = S > 1: the
@@ -155,7 +175,9 @@ def rank_windows(n: int, k: int, q: float, strata: int = 1) -> list[tuple[int, i
     proportion to their sizes (largest remainder, so no range is asked for more than it holds),
     and each range's rows taken from its middle: a sample spread evenly over the score levels.
     strata = 0 (or any S >= k): one range per row kept, i.e. one row every n / k ranks, a
-    sample stratified by score. Windows are disjoint and ascending.
+    sample stratified by score. Windows are disjoint and ascending. With `rng` (strata != 1)
+    each range's rows sit at a random place in it instead of its middle: a stratified random
+    sample, which differs from seed to seed.
     """
     if strata < 0:
         raise ValueError(f"strata must be 0 (one per row kept) or positive, got {strata}.")
@@ -172,7 +194,10 @@ def rank_windows(n: int, k: int, q: float, strata: int = 1) -> list[tuple[int, i
     out = []
     for lo, size, take in zip(edges[:-1], sizes.tolist(), takes.tolist(), strict=True):
         if take > 0:
-            a = lo + window_start(size, int(take), 0.5)
+            if rng is None:
+                a = lo + window_start(size, int(take), 0.5)
+            else:
+                a = lo + int(rng.integers(size - int(take) + 1))
             out.append((a, a + int(take)))
     return out
 
@@ -219,7 +244,15 @@ def _radix_select(scores_N, codes_fn, targets, n: int, chunk: int):
 
 
 def select_windows_chunked(
-    scores_N, codes_fn, groups, counts, q: float, n: int, chunk: int, strata: int = 1
+    scores_N,
+    codes_fn,
+    groups,
+    counts,
+    q: float,
+    n: int,
+    chunk: int,
+    strata: int = 1,
+    pick_seed: int | None = None,
 ):
     """Per group code: the counts[g] rows (by ascending (score, row)) of `rank_windows` (one
     window nearest rank q (n_g - 1), or `strata` windows spread over the ranks).
@@ -232,7 +265,8 @@ def select_windows_chunked(
         raise ValueError(f"percentile must lie in [0, 1], got {q}.")
     plan = []  # (code, start, end) rank windows, end exclusive
     for (code, size), k in zip(groups, counts, strict=True):
-        plan += [(code, a, b) for a, b in rank_windows(size, int(k), q, strata)]
+        windows = rank_windows(size, int(k), q, strata, pick_rng(pick_seed, code))
+        plan += [(code, a, b) for a, b in windows]
     if not plan:
         return np.zeros((0,), np.int64)
     targets = [t for code, a, b in plan for t in ((code, a), (code, b - 1))]
@@ -263,14 +297,27 @@ def select_windows_chunked(
 
 
 def select_percentile_chunked(
-    scores_N, k: int, q: float, chunk: int = 1 << 20, strata: int = 1
+    scores_N,
+    k: int,
+    q: float,
+    chunk: int = 1 << 20,
+    strata: int = 1,
+    pick_seed: int | None = None,
 ) -> np.ndarray:
     """`select_percentile` over a memmap of scores, one chunk at a time."""
     n = int(scores_N.shape[0])
     if k <= 0:
         return np.zeros((0,), np.int64)
     return select_windows_chunked(
-        scores_N, lambda lo, hi: np.zeros(hi - lo, np.int64), [(0, n)], [k], q, n, chunk, strata
+        scores_N,
+        lambda lo, hi: np.zeros(hi - lo, np.int64),
+        [(0, n)],
+        [k],
+        q,
+        n,
+        chunk,
+        strata,
+        pick_seed,
     )
 
 
@@ -292,6 +339,7 @@ def select_boundary_chunked(
     chunk: int = 1 << 20,
     split: str = "balanced",
     strata: int = 1,
+    pick_seed: int | None = None,
 ):
     """`select_boundary` (the same rows) over memmaps of scores and labels, in chunks."""
     rows = int(scores_N.shape[0])
@@ -306,6 +354,7 @@ def select_boundary_chunked(
         rows,
         chunk,
         strata,
+        pick_seed,
     )
 
 
@@ -407,9 +456,11 @@ def stage_selection(
     scratch: str | None = None,
     split: str = "balanced",
     strata: int = 1,
+    pick_seed: int | None = None,
 ) -> np.ndarray:
     """EL2N rows of a stage under `teacher`, streamed: grouped (phase 1, label groups' budgets by
-    `group_budget(split)`) or not (EL2N baseline); `strata`: see `rank_windows`."""
+    `group_budget(split)`) or not (EL2N baseline); `strata`, `pick_seed`: see `rank_windows`,
+    `pick_rng`."""
     with ScratchDir(scratch) as d:
         scores = score_to_memmap(
             model,
@@ -420,9 +471,11 @@ def stage_selection(
             os.path.join(d, "el2n.npy"),
         )
         if grouped:
-            idx = select_boundary_chunked(scores, stage.y_NxK, n, q, chunk, split, strata)
+            idx = select_boundary_chunked(
+                scores, stage.y_NxK, n, q, chunk, split, strata, pick_seed
+            )
         else:
-            idx = select_percentile_chunked(scores, n, q, chunk, strata)
+            idx = select_percentile_chunked(scores, n, q, chunk, strata, pick_seed)
         del scores
     return idx
 
@@ -601,13 +654,15 @@ def boundary_memory(
     rows_of=None,
     label_mix: float = 0.0,
     strata: int = 1,
+    pick_seed: int | None = None,
 ) -> tuple[Memory, dict]:
     """D_syn^t before refinement. `teacher` is phi_t (a TrainState: .params, .model_state).
     `retain`: rows kept from `previous` (default n_t, the paper's rule). `reanchor_mode`,
     `previous_teacher` (phi_{t-1}) and `rows_of`: see `reanchor` (applied to `previous` first).
     `label_mix`: the new rows' soft labels pulled toward their hard labels (`mix_labels`);
     carried rows keep theirs (re-anchoring by "offsets" keeps the mix as part of the offset).
-    `strata`: the new rows from one EL2N window (1) or spread over score levels (`rank_windows`).
+    `strata`: the new rows from one EL2N window (1) or spread over score levels (`rank_windows`);
+    `pick_seed`: at a random place in each score range rather than its middle (`pick_rng`).
 
     Returns the memory (new rows first, then retained rows) and a dict of counts for logging.
     """
@@ -625,6 +680,7 @@ def boundary_memory(
         batch_size=batch_size,
         split=group_split,
         strata=strata,
+        pick_seed=pick_seed,
     )
     y = np.asarray(stage.y_NxK[idx])
     new = to_memory(

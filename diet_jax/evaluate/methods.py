@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from diet_jax import baselines
 from diet_jax import results as results_lib
 from diet_jax.data.store import StageStore
+from diet_jax.distill import driver as distill_driver
 from diet_jax.distill import memory as memory_lib
 from diet_jax.distill import phase1
 from diet_jax.distill.memory import Memory
@@ -120,6 +121,22 @@ def _selection_memories(method, config, store, ref, workdir, res, seeds) -> dict
     return out
 
 
+def diet_memories_per_seed(config, store: StageStore, ref: ReferenceRun, workdir: str, seeds):
+    """{seed: D_syn^T of a distillation with config.seed = seed} for the seeds other than
+    config.seed (whose distillation is the run's own), each under <workdir>/seeds/seed<s>/ and
+    resumed like the run's (evaluate.distill_per_seed)."""
+    out = {}
+    for seed in seeds:
+        if seed == config.seed:
+            continue
+        cfg = config.copy_and_resolve_references()
+        cfg.seed = int(seed)
+        out[seed] = distill_driver.distill(
+            cfg, store, ref, os.path.join(workdir, "seeds", f"seed{seed}")
+        ).final
+    return out
+
+
 def _rows_by_seed(sources: dict) -> dict:
     """{seed: rows} from {seed: Memory or saved path}: a Memory's rows as they are (DIET's, already
     in memory), a path's as a `protocol.LazyRows` that reads them when its seed trains (one object
@@ -193,6 +210,9 @@ def run_all(
     memories: dict[str, dict] = {}  # method -> {seed: Memory (DIET's) or saved path}
     if diet_memory is not None:
         memories["diet"] = dict.fromkeys(seeds, diet_memory)  # one distillation (config.seed)
+        if ev.get("distill_per_seed", False) and "diet" in {m for m, _ in todo}:
+            memories["diet"] = diet_memories_per_seed(config, store, ref, workdir, seeds)
+            memories["diet"][config.seed] = diet_memory
     for method in sorted({m for m, _ in todo} & set(SELECTIONS)):
         memories[method] = _selection_memories(method, config, store, ref, workdir, res, seeds)
     teacher_embed = ref.final.params["embed"]
