@@ -112,6 +112,11 @@ def bootstrap_interval(
     return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
 
 
+def _entries_by_model(results: list[dict], method: str) -> list[dict]:
+    """`method`'s entries in candidate-name order (the order every per-seed array uses)."""
+    return sorted((r for r in results if r["method"] == method), key=lambda r: r["model"])
+
+
 def _per_seed_aucs(entries: list[dict]) -> np.ndarray | None:
     """C x S per-seed AUCs when every entry holds the same number of seeds, else None."""
     rows = [[p["auc"] for p in e["per_seed"]] if "per_seed" in e else [e["auc"]] for e in entries]
@@ -199,7 +204,7 @@ def seed_agreement(results: list[dict], method: str) -> dict:
     the pool as well as another Full Data seed would. For a reduced method it says how much of
     its ranking is seed noise. {} with fewer than two candidates or seeds, or unequal seeds.
     """
-    entries = sorted((r for r in results if r["method"] == method), key=lambda r: r["model"])
+    entries = _entries_by_model(results, method)
     a = _per_seed_aucs(entries) if len(entries) >= 2 else None
     if a is None or a.shape[1] < 2:
         return {}
@@ -264,9 +269,7 @@ def noise_ceiling(results: list[dict], reference_method: str = "full_data") -> d
     with its seed noise, would reach over the same number of seeds)."""
     out = seed_agreement(results, reference_method)
     if out:
-        entries = sorted(
-            (r for r in results if r["method"] == reference_method), key=lambda r: r["model"]
-        )
+        entries = _entries_by_model(results, reference_method)
         out["faithful_kendall"] = faithful_tau(_per_seed_aucs(entries))
     return out
 
