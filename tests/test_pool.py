@@ -1,5 +1,7 @@
 """The candidate pool, seed aggregation, bootstrap intervals, LR selection, vmapped groups."""
 
+import copy
+
 import jax
 import numpy as np
 import pytest
@@ -297,6 +299,46 @@ def test_vmapped_group_equals_each_member_trained_alone(group_setup, shared):
     # Members really differ (different seeds and rates), so the comparison is not vacuous.
     leaf = np.asarray(jax.tree.leaves(vm["params"])[0])
     assert not np.allclose(leaf[0], leaf[1])
+
+
+@pytest.mark.parametrize("vmapped", [False, True])
+def test_a_pruned_grid_keeps_its_best_rates_trajectories_and_stops_the_rest(group_setup, vmapped):
+    config, model, rows, val = group_setup
+    config = copy.deepcopy(config)
+    config.evaluate.max_epochs = 3
+    r = rows(100)
+    seeds, lrs = [0, 0, 0, 0], [1e-4, 3e-2, 3e-3, 1e-2]
+    full = protocol.train_rows_group(model, [r] * 4, seeds, lrs, val, config, vmapped=False)
+    cut = protocol.train_rows_group(
+        model, [r] * 4, seeds, lrs, val, config, vmapped=vmapped, prune=(1, 2)
+    )
+    # By hand: after epoch 1 the two rates best by validation AUC so far go on.
+    kept = set(np.argsort(-full["val_auc"][:, 0], kind="stable")[:2].tolist())
+    assert 0 not in kept  # 1e-4 barely moves in one epoch: the pruning is not vacuous
+    for g in range(4):
+        if g in kept:  # trains exactly as without pruning
+            np.testing.assert_allclose(cut["val_auc"][g], full["val_auc"][g], atol=1e-6)
+            assert cut["best_epoch"][g] == full["best_epoch"][g] and cut["epochs"][g] == 3
+            for a, b in zip(
+                jax.tree.leaves(group.unstack(cut["params"], g)),
+                jax.tree.leaves(group.unstack(full["params"], g)),
+                strict=True,
+            ):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+        else:  # stopped after epoch 1, with that epoch as its best
+            np.testing.assert_allclose(cut["val_auc"][g, :1], full["val_auc"][g, :1], atol=1e-6)
+            assert np.isnan(cut["val_auc"][g, 1:]).all()
+            assert cut["best_epoch"][g] == 0 and cut["epochs"][g] == 1
+    if not vmapped:  # a stopped member's clock stops too
+        assert all(
+            cut["seconds_G"][g] < min(cut["seconds_G"][k] for k in kept)
+            for g in {0, 1, 2, 3} - kept
+        )
+        np.testing.assert_allclose(cut["seconds_G"].sum(), cut["seconds"])
+    with pytest.raises(ValueError, match="shared by its members"):
+        protocol.train_rows_group(
+            model, [r, rows(100)], [0, 1], [1e-3, 1e-2], val, config, prune=(1, 1)
+        )
 
 
 @pytest.mark.parametrize("vmapped", [False, True])

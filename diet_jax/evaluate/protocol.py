@@ -179,6 +179,7 @@ def train_rows_group(
     config,
     vmapped: bool | None = None,
     pad_to: int = 0,
+    prune: tuple[int, int] = (0, 0),
 ) -> dict:
     """Trains G fresh dense networks on rows for evaluate.max_epochs epochs as one vmapped group.
 
@@ -191,6 +192,12 @@ def train_rows_group(
     follows evaluate.group_mode.
     `pad_to`: rows padded to this many (never drawn; their batches are no-ops), so that methods
     with different row counts share one compiled epoch.
+    `prune` = (k, keep), k > 0 (a learning-rate grid, `evaluate.lr_prune_epochs` /
+    `lr_prune_keep`): after k epochs only the `keep` members best by validation AUC so far go
+    on; the others stop with their best of those k epochs (their later AUCs are NaN). A member
+    that goes on trains exactly as without pruning. Sequential members that stop cost nothing
+    more; a vmapped group keeps computing them (on an accelerator the group costs about one
+    member) but scores them no more, so both modes keep the same models.
     Returns {"params", "state", "opt" (Adam's state, best epochs; stacked when vmapped, else
     `group.Members`: `group.unstack` reads either), "val_auc" [G, E],
     "best_epoch" [G],
@@ -235,55 +242,97 @@ def train_rows_group(
 
     e, logits = as_rows()
     clock = TrainClock()
-    aucs = np.full((g_count, int(ev.max_epochs)), np.nan)
-    losses = np.full((g_count, int(ev.max_epochs)), np.nan)
+    max_epochs = int(ev.max_epochs)
+    aucs = np.full((g_count, max_epochs), np.nan)
+    losses = np.full((g_count, max_epochs), np.nan)
+    prune_at, keep = int(prune[0]), int(prune[1])
+    if not 0 < prune_at < max_epochs or not 0 < keep < g_count:
+        prune_at = max_epochs  # no pruning: every member trains every epoch
+    elif not shared:
+        raise ValueError("Pruning a group needs rows shared by its members (a rate grid).")
+    epochs_G = np.full(g_count, max_epochs)  # epochs each member trains
+    seconds_G = np.zeros(g_count)  # its training seconds (vmapped: its share of the group's)
+
+    def pruned_at(epoch: int) -> np.ndarray:
+        """[G] bool: the members that stop after `epoch` (the prune point's losers)."""
+        if epoch + 1 != prune_at:
+            return np.zeros(g_count, bool)
+        so_far = np.max(np.where(np.isnan(aucs[:, :prune_at]), -np.inf, aucs[:, :prune_at]), 1)
+        losers = np.ones(g_count, bool)
+        losers[rates_by_rows_auc(so_far)[:keep]] = False
+        return losers
+
     if vmapped:
         p, s, o, lr = group.stack(params), group.stack(states), group.stack(opts), jnp.stack(lrs)
         best = None
-        for epoch in range(int(ev.max_epochs)):
+        live_G = np.ones(g_count, bool)
+        for epoch in range(max_epochs):
             order = jnp.asarray(np.stack([group.padded_order(n, bs, r, n_pad) for r in rngs]))
             _warm_call(fns.epoch, p, s, o, lr, e, logits, order)
             with clock.timed():
                 p, s, o, loss_G = jax.block_until_ready(fns.epoch(p, s, o, lr, e, logits, order))
-            losses[:, epoch] = np.asarray(loss_G)
+            losses[live_G, epoch] = np.asarray(loss_G)[live_G]
             out_GxVxK = np.asarray(fns.predict(p, s, val.e_VxFxD))[:, : val.n]
-            aucs[:, epoch] = [_val_auc(val, out_GxVxK[g]) for g in range(g_count)]
+            for g in np.flatnonzero(live_G):
+                aucs[g, epoch] = _val_auc(val, out_GxVxK[g])
             if best is None:
                 best = (p, s, o)
             else:
-                improved = aucs[:, epoch] > np.nanmax(
-                    np.where(np.isnan(aucs[:, :epoch]), -np.inf, aucs[:, :epoch]), axis=1
+                improved = live_G & (
+                    aucs[:, epoch]
+                    > np.nanmax(
+                        np.where(np.isnan(aucs[:, :epoch]), -np.inf, aucs[:, :epoch]), axis=1
+                    )
                 )
                 best = fns.keep(best, (p, s, o), jnp.asarray(improved))
+            stop = pruned_at(epoch)
+            epochs_G[stop] = epoch + 1
+            live_G &= ~stop
         best_p, best_s, best_o = best
+        seconds_G[:] = clock.seconds / g_count
     else:
-        kept = []
-        for g in range(g_count):
-            p, s, o = params[g], states[g], opts[g]
-            if shared:
-                eg, lg = e, logits
-            else:  # this member's rows only (read now when lazy), dropped after it trains
-                r = _loaded(rows_G[g])
-                if rows_count(r) != n:
-                    raise ValueError(f"Member {g} has {rows_count(r)} rows; member 0 has {n}.")
-                eg, lg = padded(r, "e"), padded(r, "logits")
-                del r
-            best = None
-            for epoch in range(int(ev.max_epochs)):
-                order = jnp.asarray(group.padded_order(n, bs, rngs[g], n_pad))
-                _warm_call(fns.epoch, p, s, o, lrs[g], eg, lg, order)
-                with clock.timed():
-                    p, s, o, loss = jax.block_until_ready(fns.epoch(p, s, o, lrs[g], eg, lg, order))
-                losses[g, epoch] = float(loss)
-                aucs[g, epoch] = _val_auc(val, np.asarray(fns.predict(p, s, val.e_VxFxD))[: val.n])
-                prev = aucs[g, :epoch]
-                if best is None or aucs[g, epoch] > np.nanmax(
-                    np.where(np.isnan(prev), -np.inf, prev)
-                ):
-                    best = (p, s, o)
-            kept.append(best)
-            eg = lg = None  # this member's rows go before the next member's are read
-        best_p, best_s, best_o = (group.Members([k[i] for k in kept]) for i in range(3))
+        # Members one after another, in rounds: every member up to the prune point, then the
+        # members that go on (one round without pruning). A member's state waits between rounds.
+        live = {g: (params[g], states[g], opts[g], None) for g in range(g_count)}
+        best_G = [None] * g_count
+        for first, last in ((0, prune_at), (prune_at, max_epochs)):
+            for g in sorted(live):
+                p, s, o, best = live[g]
+                if shared:
+                    eg, lg = e, logits
+                else:  # this member's rows only (read now when lazy), dropped after it trains
+                    r = _loaded(rows_G[g])
+                    if rows_count(r) != n:
+                        raise ValueError(f"Member {g} has {rows_count(r)} rows; member 0 has {n}.")
+                    eg, lg = padded(r, "e"), padded(r, "logits")
+                    del r
+                before = clock.seconds
+                for epoch in range(first, last):
+                    order = jnp.asarray(group.padded_order(n, bs, rngs[g], n_pad))
+                    _warm_call(fns.epoch, p, s, o, lrs[g], eg, lg, order)
+                    with clock.timed():
+                        p, s, o, loss = jax.block_until_ready(
+                            fns.epoch(p, s, o, lrs[g], eg, lg, order)
+                        )
+                    losses[g, epoch] = float(loss)
+                    out = np.asarray(fns.predict(p, s, val.e_VxFxD))[: val.n]
+                    aucs[g, epoch] = _val_auc(val, out)
+                    prev = aucs[g, :epoch]
+                    if best is None or aucs[g, epoch] > np.nanmax(
+                        np.where(np.isnan(prev), -np.inf, prev)
+                    ):
+                        best = (p, s, o)
+                seconds_G[g] += clock.seconds - before
+                # Only a member that goes on keeps its latest state besides its best.
+                live[g], best_G[g] = ((p, s, o, best) if last < max_epochs else None), best
+                eg = lg = None  # this member's rows go before the next member's are read
+            if last < max_epochs:
+                for g in np.flatnonzero(pruned_at(last - 1)):
+                    del live[g]
+                    epochs_G[g] = last
+            else:
+                break
+        best_p, best_s, best_o = (group.Members([k[i] for k in best_G]) for i in range(3))
     if not np.isfinite(losses).any():
         raise FloatingPointError(
             f"{model.name}: the loss on rows is {losses[:, 0]} for every member."
@@ -297,7 +346,9 @@ def train_rows_group(
         "best_epoch": _best_epochs(aucs),
         "seconds": clock.seconds,
         "compiles": clock.compiles,
-        "samples": int(ev.max_epochs) * n,
+        "samples": max_epochs * n,
+        "epochs": epochs_G,
+        "seconds_G": seconds_G,
         "rows": n,
         "losses": losses,
     }
@@ -707,7 +758,7 @@ def run_seeds(
     ) -> CandidateResult:
         """Member g of a trained rows group: its best epoch fine-tuned on the subsequent block
         and tested (`score_test=False`: later, by `_tested`)."""
-        share = res["seconds"] / size  # one member's share of its vmapped group
+        share = float(res["seconds_G"][g])  # its own seconds, or its share of a vmapped group
         params = {"embed": teacher_embed, "dense": group.unstack(res["params"], g)}
         t: dict = {}
         # The fine-tune continues the rows phase: at its chosen rate and from its Adam moments
@@ -739,13 +790,16 @@ def run_seeds(
             "rows_seconds": share,
             "rows_group_size": size,
             "historical_seconds": share,
-            "historical_epochs": int(ev.max_epochs),  # every epoch trains; the best is kept
+            # Every epoch trains (evaluate.max_epochs; fewer for a rate pruned from the grid);
+            # the best is kept.
+            "historical_epochs": int(res["epochs"][g]),
             "finetune_seconds": seconds,
             "timed_compiles": t["timed_compiles"] + res["compiles"],
             "val_auc": float(t["validation"]["auc"]),
             "precise_bn_seconds": t["precise_bn_seconds"],
         }
-        return CandidateResult(test, share + seconds, res["samples"] + samples, info)
+        rows_samples = int(res["epochs"][g]) * int(res["rows"])
+        return CandidateResult(test, share + seconds, rows_samples + samples, info)
 
     grid = [float(lr) for lr in ev.lr_grid]
     search, members = {}, {}  # members: seed -> (group result, member index, group size)
@@ -753,7 +807,14 @@ def run_seeds(
     if grid:
         first = rows_by_seed[seeds[0]]
         a = train_rows_group(
-            model, [first] * len(grid), [seeds[0]] * len(grid), grid, val, config, pad_to=rows_pad
+            model,
+            [first] * len(grid),
+            [seeds[0]] * len(grid),
+            grid,
+            val,
+            config,
+            pad_to=rows_pad,
+            prune=(int(ev.get("lr_prune_epochs", 0)), int(ev.get("lr_prune_keep", 0))),
         )
         rows_auc = np.max(np.where(np.isnan(a["val_auc"]), -np.inf, a["val_auc"]), axis=1)
         search = {
