@@ -47,6 +47,9 @@ _REPLICATE_FILL_FROM = flags.DEFINE_list(
 SELECTIONS = ("random", "el2n", "kmeans")
 
 
+SPREAD_KEYS = ("true_spread_std", "seed_noise_std", "snr")
+
+
 def scorecard(res: dict) -> dict:
     rows = [r for r in res["results"] if r["method"] != "reference"]
     by = {(r["method"], r["model"]): r for r in rows}
@@ -66,6 +69,8 @@ def scorecard(res: dict) -> dict:
         }
     points = report.cost_points(res["results"])
     fid = res.get("fidelity", {})
+    ceiling = fidelity.noise_ceiling(res["results"])
+    table = fidelity.fidelity_table(res["results"], bootstrap=0)
     wins = sum(v["diff"] > 0 for v in per_backbone.values())
     pool = {m: p["auc"] for m, p in points.items()}
     diet_tau = fid.get("diet", {}).get("kendall", float("nan"))
@@ -106,11 +111,15 @@ def scorecard(res: dict) -> dict:
         },
         "criteria": {k: {"pass": bool(v[0]), "value": v[1]} for k, v in criteria.items()},
         # Recomputed from the entries, so that a results.json of an older release has them too.
-        "ceiling": fidelity.noise_ceiling(res["results"]),
+        "ceiling": ceiling,
         # Recomputed too (bootstrap off: instant), for results.json files from before the key.
         "single_seed_kendall": {
-            m: f.get("single_seed_kendall", float("nan"))
-            for m, f in fidelity.fidelity_table(res["results"], bootstrap=0).items()
+            m: f.get("single_seed_kendall", float("nan")) for m, f in table.items()
+        },
+        "spread_and_noise": {
+            m: {k: f[k] for k in SPREAD_KEYS}
+            for m, f in [("full_data", ceiling.get("faithful_kendall", {})), *table.items()]
+            if all(k in f for k in SPREAD_KEYS)
         },
         "seed_kendall": {
             m: fidelity.seed_agreement(res["results"], m).get("kendall", float("nan"))
@@ -166,6 +175,18 @@ def markdown(card: dict) -> str:
         out.append(f"| {k} | {'PASS' if v['pass'] else 'FAIL'} | {v['value']} |")
     if card["ceiling"]:
         out += ["", *report.ceiling_markdown(card["ceiling"])[:1]]
+    if card.get("spread_and_noise"):
+        # How much of each method's ranking is its candidates and how much its seeds
+        # (`fidelity.spread_and_noise`): a low SNR caps its tau whatever its bias.
+        out += [
+            "",
+            "| method | candidates' true spread (std) | seed noise (std) | SNR of a seed mean |",
+            "|---|---|---|---|",
+        ]
+        for m, v in card["spread_and_noise"].items():
+            out.append(
+                f"| {m} | {v['true_spread_std']:.4f} | {v['seed_noise_std']:.4f} | {v['snr']:.1f} |"
+            )
     if card.get("phases"):
         out += [
             "",

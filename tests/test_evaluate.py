@@ -129,6 +129,39 @@ def test_single_seed_kendall_by_hand():
     assert "single_seed_kendall" not in fidelity.fidelity_table(one, bootstrap=0)["diet"]
 
 
+def test_spread_and_noise_by_hand():
+    """fidelity.spread_and_noise: seed noise = rms of the seed stds; true spread = the seed
+    means' std less the noise's share noise^2 / S; SNR = true spread / (noise / sqrt S)."""
+    # Three candidates, 2 seeds: means 0.60, 0.62, 0.64; seed stds 0.01, 0.02, 0.02 (ddof 1).
+    half = np.array([[-1.0, 1.0]]) * np.array([[0.01], [0.02], [0.02]]) / np.sqrt(2)
+    auc = np.array([[0.60], [0.62], [0.64]]) + half
+    got = fidelity.spread_and_noise(auc)
+    noise2 = (0.01**2 + 0.02**2 + 0.02**2) / 3
+    true2 = 0.02**2 - noise2 / 2  # the means' sample variance is 0.02^2
+    assert got["seed_noise_std"] == pytest.approx(np.sqrt(noise2))
+    assert got["observed_spread_std"] == pytest.approx(0.02)
+    assert got["true_spread_std"] == pytest.approx(np.sqrt(true2))
+    assert got["snr"] == pytest.approx(np.sqrt(true2) / np.sqrt(noise2 / 2))
+    # Noise larger than the spread: no true spread left, SNR 0.
+    assert fidelity.spread_and_noise(auc * 0 + 0.6 + half * 10)["true_spread_std"] == 0.0
+    assert fidelity.spread_and_noise(auc[:, :1]) == {}
+    # In the fidelity table, per method, from its per-seed AUCs.
+    rows = [
+        {
+            "method": m,
+            "model": f"c{c}",
+            "auc": float(auc[c].mean()),
+            "train_seconds": 1.0,
+            "per_seed": [{"seed": s, "auc": float(auc[c, s])} for s in range(2)],
+        }
+        for m in ("full_data", "diet")
+        for c in range(3)
+    ]
+    f = fidelity.fidelity_table(rows, bootstrap=0)["diet"]
+    assert f["seed_noise_std"] == pytest.approx(np.sqrt(noise2))
+    assert f["snr"] == pytest.approx(got["snr"])
+
+
 def test_faithful_tau_by_hand():
     """fidelity.faithful_tau: the tau of two independent S-seed means around the reference's
     shrunk true means. Two candidates: tau is +1 when both draws order them alike, so its mean

@@ -187,6 +187,8 @@ def fidelity_table(
             out[method]["single_seed_kendall"] = float(
                 np.mean([kendall(a[:, s], ref_mean) for s in range(a.shape[1])])
             )
+            # The method's own pool: its candidates' true spread against its seed noise.
+            out[method].update(spread_and_noise(a))
         if bootstrap > 0 and a is not None and b is not None and a.shape == b.shape:
             resamples = bootstrap_resamples(a.shape[0], a.shape[1], bootstrap)
             out[method]["kendall_ci"] = list(bootstrap_interval(a, b, kendall, resamples))
@@ -223,6 +225,31 @@ def seed_agreement(results: list[dict], method: str) -> dict:
     }
 
 
+def spread_and_noise(auc_CxS) -> dict:
+    """How much of a method's ranking of the pool is the candidates and how much is seed noise.
+
+    From per-seed AUCs (C candidates x S seeds): "seed_noise_std", the root-mean-square of the
+    candidates' seed stds (ddof 1); "observed_spread_std", the std of the seed means over the
+    candidates; "true_spread_std", that spread less the noise's share, sqrt(max(observed^2 -
+    noise^2 / S, 0)) (method of moments). "snr" = true spread / (noise / sqrt(S)): the true
+    spread in units of a seed mean's noise; the higher, the more a method's tau is its own
+    ranking rather than luck. {} with fewer than 2 candidates or seeds.
+    """
+    a = np.asarray(auc_CxS, np.float64)
+    if a.ndim != 2 or a.shape[0] < 2 or a.shape[1] < 2:
+        return {}
+    noise_var = float(np.mean(a.var(1, ddof=1)))
+    observed = float(a.mean(1).var(ddof=1))
+    true_var = max(observed - noise_var / a.shape[1], 0.0)
+    mean_noise = np.sqrt(noise_var / a.shape[1])
+    return {
+        "true_spread_std": float(np.sqrt(true_var)),
+        "observed_spread_std": float(np.sqrt(observed)),
+        "seed_noise_std": float(np.sqrt(noise_var)),
+        "snr": float(np.sqrt(true_var) / mean_noise) if mean_noise > 0 else float("inf"),
+    }
+
+
 def faithful_tau(auc_CxS, draws: int = 4000, seed: int = 0, level: float = 0.95) -> dict:
     """The Kendall tau that a faithful method would reach against the reference: one whose
     candidates have the reference's true means and its seed noise, both averaged over S seeds.
@@ -231,8 +258,8 @@ def faithful_tau(auc_CxS, draws: int = 4000, seed: int = 0, level: float = 0.95)
     seed std s_c; the true means are the seed means shrunk toward their grand mean so that their
     variance is the observed one less the noise's share, mean(s_c^2) / S (method of moments; 0
     when the noise explains the whole spread). Two independent S-seed means are drawn around
-    them `draws` times. Returns {"mean", "interval" (`level`), "seeds": S, "true_spread_std",
-    "observed_spread_std"}; {} with fewer than 2 candidates or seeds. This is the ceiling the
+    them `draws` times. Returns {"mean", "interval" (`level`), "seeds": S, and
+    `spread_and_noise`'s keys}; {} with fewer than 2 candidates or seeds. This is the ceiling the
     method's own tau (seed means against seed means) should be read against; `seed_agreement`
     is the stricter one-seed-against-the-rest figure.
     """
@@ -241,8 +268,8 @@ def faithful_tau(auc_CxS, draws: int = 4000, seed: int = 0, level: float = 0.95)
         return {}
     n_seeds = a.shape[1]
     mean_C, std_C = a.mean(1), a.std(1, ddof=1)
-    observed = mean_C.var(ddof=1)
-    true_var = max(observed - float(np.mean(std_C**2)) / n_seeds, 0.0)
+    parts = spread_and_noise(a)
+    observed, true_var = parts["observed_spread_std"] ** 2, parts["true_spread_std"] ** 2
     shrink = np.sqrt(true_var / observed) if observed > 0 else 0.0
     mu_C = mean_C.mean() + (mean_C - mean_C.mean()) * shrink
     rng = np.random.default_rng(seed)
@@ -258,8 +285,7 @@ def faithful_tau(auc_CxS, draws: int = 4000, seed: int = 0, level: float = 0.95)
         if taus.size
         else [float("nan")] * 2,
         "seeds": int(n_seeds),
-        "true_spread_std": float(np.sqrt(true_var)),
-        "observed_spread_std": float(np.sqrt(observed)),
+        **parts,
     }
 
 

@@ -4,7 +4,8 @@ Reduced-data methods (random, el2n, kmeans, diet): a candidate inherits the fina
 embedding table; its dense network, freshly initialised, trains on the (embedding, soft label)
 rows for up to `evaluate.max_epochs` epochs with Adam, keeping the epoch whose full model has the
 best AUC on the real validation day; the learning rate is chosen from `evaluate.lr_grid` on that
-validation AUC (paper 5.1.4), on the first seed (`evaluate.lr_select = "final"`, the default: on
+validation AUC (paper 5.1.4; the grid pruned to its best rates after its first epochs,
+`evaluate.lr_prune_epochs`), on the first seed (`evaluate.lr_select = "final"`, the default: on
 the validation AUC of the model after the fine-tune, for the `evaluate.lr_select_top` rates whose
 rows epochs score best; "rows": on the best rows epoch's); then the whole model is fine-tuned one
 epoch on the subsequent block and evaluated on the test day. The rows epochs of a learning-rate
@@ -686,7 +687,8 @@ def run_seeds(
     """Trains and tests one candidate under `method`'s protocol once per seed.
 
     Reduced-data methods: the learning rate is chosen on the first seed, the evaluate.lr_grid as
-    one vmapped group on its rows, by the best-epoch validation AUC (that member is the first
+    one vmapped group on its rows (pruned to its evaluate.lr_prune_keep best rates after
+    evaluate.lr_prune_epochs epochs), by the best-epoch validation AUC (that member is the first
     seed's run; with evaluate.lr_select = "final", the evaluate.lr_select_top best members by that
     AUC (0 = all) are fine-tuned and the one whose fine-tuned model has the best validation AUC is
     chosen and kept); the other seeds train at

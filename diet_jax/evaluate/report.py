@@ -109,12 +109,20 @@ def _ratio(x) -> str:
     return "n/a" if x is None or math.isnan(x) or math.isinf(x) else f"{x:.2f}x"
 
 
+def _snr(f: dict) -> str:
+    """The method's candidates' true spread over its seed means' noise (`fidelity.
+    spread_and_noise`), with the two stds; "n/a" with one seed."""
+    if "snr" not in f:
+        return "n/a"
+    return f"{f['snr']:.1f} ({f['true_spread_std']:.4f} / {f['seed_noise_std']:.4f})"
+
+
 def fidelity_markdown(fidelity: dict) -> str:
     lines = [
         "| Method | Spearman [95% CI] | Kendall tau [95% CI] | cost ratio, historical phase "
         "(full / method) | per epoch | cost ratio, end to end | mean AUC gap to full | "
-        "seed agreement (tau) | one seed's tau | candidates |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "seed agreement (tau) | one seed's tau | SNR of its seed means | candidates |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for meth in [m for m in METHOD_ORDER if m in fidelity]:
         f = fidelity[meth]
@@ -124,7 +132,8 @@ def fidelity_markdown(fidelity: dict) -> str:
             f"{_ratio(f.get('cost_ratio_historical_per_epoch', float('nan')))} | "
             f"{_ratio(f.get('cost_ratio_end_to_end', f['cost_ratio']))} | "
             f"{f['mean_auc_gap']:+.4f} | {_fmt(f.get('seed_kendall', float('nan')))} | "
-            f"{_fmt(f.get('single_seed_kendall', float('nan')))} | {len(f['models'])} |"
+            f"{_fmt(f.get('single_seed_kendall', float('nan')))} | "
+            f"{_snr(f)} | {len(f['models'])} |"
         )
     return "\n".join(lines)
 
