@@ -83,6 +83,9 @@ NEUTRAL: dict[str, Any] = {
     "evaluate.selection_label_mix": 0.0,
     "evaluate.lr_select": "rows",
     "evaluate.lr_select_top": 0,
+    # No pruning of the rate grid (stop 35): what every earlier run did, whatever keep says.
+    "evaluate.lr_prune_epochs": 0,
+    "evaluate.lr_prune_keep": 3,
 }
 
 

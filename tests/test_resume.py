@@ -62,6 +62,18 @@ def test_fingerprint_covers_sections_by_prefix_and_skips_excluded_keys(tiny_conf
     assert "distill.strata: '<unset>' -> 0" in fp_lib.changes(
         phase1, fp_lib.fingerprint(cfg, "phase1")
     )
+    # The rate grid's pruning, off (the default), leaves candidates' records as before the keys.
+    cfg.evaluate.lr_prune_epochs, cfg.evaluate.lr_prune_keep = 0, 3
+    cand = fp_lib.fingerprint(cfg, "candidate")
+    with cfg.unlocked():
+        del cfg.evaluate["lr_prune_epochs"]
+        del cfg.evaluate["lr_prune_keep"]
+    assert fp_lib.fingerprint(cfg, "candidate") == cand
+    with cfg.unlocked():
+        cfg.evaluate.lr_prune_epochs, cfg.evaluate.lr_prune_keep = 2, 3
+    assert fp_lib.changes(cand, fp_lib.fingerprint(cfg, "candidate")) == [
+        "evaluate.lr_prune_epochs: '<unset>' -> 2"
+    ]
     cfg.evaluate.learning_rate = 1.0  # evaluation keys: no effect on the teacher or the memory
     assert (
         fp_lib.fingerprint(cfg, "teacher")["fingerprint"]
