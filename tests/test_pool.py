@@ -329,12 +329,10 @@ def test_a_pruned_grid_keeps_its_best_rates_trajectories_and_stops_the_rest(grou
             np.testing.assert_allclose(cut["val_auc"][g, :1], full["val_auc"][g, :1], atol=1e-6)
             assert np.isnan(cut["val_auc"][g, 1:]).all()
             assert cut["best_epoch"][g] == 0 and cut["epochs"][g] == 1
-    if not vmapped:  # a stopped member's clock stops too
-        assert all(
-            cut["seconds_G"][g] < min(cut["seconds_G"][k] for k in kept)
-            for g in {0, 1, 2, 3} - kept
-        )
+            assert np.isnan(cut["losses"][g, 1:]).all()  # no epoch after the prune counted
+    if not vmapped:  # each member's own clock, which together make the group's
         np.testing.assert_allclose(cut["seconds_G"].sum(), cut["seconds"])
+        assert (cut["seconds_G"] > 0).all()
     with pytest.raises(ValueError, match="shared by its members"):
         protocol.train_rows_group(
             model, [r, rows(100)], [0, 1], [1e-3, 1e-2], val, config, prune=(1, 1)
