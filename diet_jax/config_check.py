@@ -197,21 +197,6 @@ def check_evaluate(c) -> None:
         "evaluate.kmeans_max_rows",
     )
     non_negative(c, "evaluate.lr_prune_epochs", "evaluate.lr_prune_keep")
-    ev = c.evaluate
-    if ev.lr_prune_epochs > 0:
-        if ev.lr_prune_epochs >= ev.max_epochs:
-            raise ConfigError(
-                f"config.evaluate.lr_prune_epochs ({ev.lr_prune_epochs}) must be below "
-                f"evaluate.max_epochs ({ev.max_epochs}) (0 = no pruning)."
-            )
-        # The rates evaluate.lr_select compares after the rows epochs (lr_select_top 0: all).
-        top = (ev.lr_select_top or len(ev.lr_grid)) if ev.lr_select == "final" else 1
-        if ev.lr_prune_keep < top:
-            raise ConfigError(
-                f"config.evaluate.lr_prune_keep ({ev.lr_prune_keep}) must keep at least the "
-                f"{top} rate(s) that evaluate.lr_select compares after the rows epochs "
-                "(evaluate.lr_select_top; 0 there means every rate, so no pruning)."
-            )
     in_range(c, "evaluate.el2n_percentile", 0, 1)
     in_range(c, "evaluate.selection_label_mix", 0, 1, hi_open=True)
     pool.check(c)  # the candidate pool: backbones, override keys, seeds, LR grid

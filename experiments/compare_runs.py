@@ -10,23 +10,31 @@ faster path): the pipeline is deterministic on one machine, so an identical entr
 setting did not touch.
 """
 
-import json
 import os
 
 import numpy as np
 from absl import app, flags
+
+from diet_jax import results
 
 _BASE = flags.DEFINE_string("base", None, "the base run's workdir", required=True)
 _VARIANT = flags.DEFINE_string("variant", None, "the variant run's workdir", required=True)
 
 
 def entries(workdir: str) -> dict:
-    with open(os.path.join(workdir, "results.json")) as f:
-        res = json.load(f)
+    path = os.path.join(workdir, results.FILENAME)
+    if not os.path.exists(path):
+        raise SystemExit(f"No {results.FILENAME} in {workdir}: is it a finished run's workdir?")
+    res = results.read(path)  # nulls back as NaN, as the run held them
     return {(e["method"], e["model"]): e for e in res["results"] if "per_seed" in e}
 
 
 def day_mean(entry: dict, key: str) -> float:
+    if any(key not in p for p in entry["per_seed"]):
+        raise SystemExit(
+            f"{entry['method']}/{entry['model']} has no per-seed {key!r}: a results.json from "
+            "before the key; rerun that entry (evaluate.rerun=True)."
+        )
     return float(np.mean([p[key] for p in entry["per_seed"]]))
 
 

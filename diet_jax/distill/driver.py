@@ -567,8 +567,9 @@ def stage_records(config, teacher_fp: str | None, num_stages: int) -> list[tuple
     out, previous_fp = [], None
     for t in range(1, num_stages + 1):
         inputs = {"teacher": teacher_fp, "previous": previous_fp, "stage": t}
-        if pick_seed(config, t) is not None:  # a random pick depends on config.seed
-            inputs["pick_seed"] = pick_seed(config, t)
+        seed = pick_seed(config, t)
+        if seed is not None:  # a random pick depends on config.seed
+            inputs["pick_seed"] = seed
         init_record = fp_lib.fingerprint(config, "phase1", inputs)
         record = fp_lib.fingerprint(
             config, "phase2", {"teacher": teacher_fp, "init": init_record["fingerprint"]}

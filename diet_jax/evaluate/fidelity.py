@@ -269,8 +269,8 @@ def faithful_tau(auc_CxS, draws: int = 4000, seed: int = 0, level: float = 0.95)
     n_seeds = a.shape[1]
     mean_C, std_C = a.mean(1), a.std(1, ddof=1)
     parts = spread_and_noise(a)
-    observed, true_var = parts["observed_spread_std"] ** 2, parts["true_spread_std"] ** 2
-    shrink = np.sqrt(true_var / observed) if observed > 0 else 0.0
+    observed = parts["observed_spread_std"]
+    shrink = parts["true_spread_std"] / observed if observed > 0 else 0.0
     mu_C = mean_C.mean() + (mean_C - mean_C.mean()) * shrink
     rng = np.random.default_rng(seed)
     noise = std_C / np.sqrt(n_seeds)

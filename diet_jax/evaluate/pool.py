@@ -232,6 +232,21 @@ def check(config) -> None:
         raise ValueError(
             f"config.evaluate.lr_select_top must be an integer >= 0 (0 = every rate), got {top!r}."
         )
+    prune_at = int(ev.get("lr_prune_epochs", 0))
+    if prune_at > 0:
+        if prune_at >= int(ev.max_epochs):
+            raise ValueError(
+                f"config.evaluate.lr_prune_epochs ({prune_at}) must be below "
+                f"evaluate.max_epochs ({ev.max_epochs}) (0 = no pruning)."
+            )
+        # The rates evaluate.lr_select compares after the rows epochs (lr_select_top 0: all).
+        compared = (top or len(grid)) if ev.lr_select == "final" else 1
+        if int(ev.lr_prune_keep) < compared:
+            raise ValueError(
+                f"config.evaluate.lr_prune_keep ({ev.lr_prune_keep}) must keep at least the "
+                f"{compared} rate(s) that evaluate.lr_select compares after the rows epochs "
+                "(evaluate.lr_select_top; 0 there means every rate, so no pruning)."
+            )
     if ev.group_mode not in ("auto", "vmap", "sequential"):
         raise ValueError(
             f"config.evaluate.group_mode must be auto, vmap or sequential, got {ev.group_mode!r}."
