@@ -191,11 +191,14 @@ def markdown(card: dict) -> str:
         out += [
             "",
             "| method (validation AUC, pool mean) | best rows epoch | after the fine-tune | "
-            "the fine-tune's change |",
-            "|---|---|---|---|",
+            "the fine-tune's change | tau vs Full Data: rows / final |",
+            "|---|---|---|---|---|",
         ]
         for m, v in card["phases"].items():
-            out.append(f"| {m} | {v['rows']:.4f} | {v['final']:.4f} | {v['finetune']:+.4f} |")
+            taus = f"{v.get('rows_kendall', math.nan):.2f} / {v.get('final_kendall', math.nan):.2f}"
+            out.append(
+                f"| {m} | {v['rows']:.4f} | {v['final']:.4f} | {v['finetune']:+.4f} | {taus} |"
+            )
     return "\n".join(out)
 
 

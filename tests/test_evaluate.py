@@ -721,7 +721,8 @@ def test_candidate_ranks_spreads_and_size_correlation_by_hand():
 
 def test_fidelity_check_splits_validation_auc_into_rows_phase_and_fine_tune():
     """fidelity.phase_split (fidelity_check.py's last table): per method, the pool mean over
-    candidates (and runs) of the seeds' best rows epoch and of their final models, by hand."""
+    candidates (and runs) of the seeds' best rows epoch and of their final models, and each
+    phase's Kendall tau against Full Data over the candidates, by hand."""
     from diet_jax.evaluate import fidelity
 
     run1 = {
@@ -729,18 +730,26 @@ def test_fidelity_check_splits_validation_auc_into_rows_phase_and_fine_tune():
             {"val_auc_per_epoch": [0.5, 0.7, float("nan")], "val_auc": 0.8},
             {"val_auc_per_epoch": [0.6, 0.5], "val_auc": 0.6},
         ],
-        "diet/b": [{"val_auc_per_epoch": [0.9], "val_auc": 0.7}],
+        "diet/b": [{"val_auc_per_epoch": [0.9], "val_auc": 0.55}],
         "full_data/a": [{"val_auc": 0.99}],
+        "full_data/b": [{"val_auc": 0.5}],
     }
     run2 = {"diet/a": [{"val_auc_per_epoch": [0.4], "val_auc": 0.5}]}
     got = fidelity.phase_split([run1, run2])
     assert set(got) == {"diet"}  # full_data has no rows phase; absent methods are left out
     rows = np.mean([np.mean([0.7, 0.6]), 0.9, 0.4])
-    final = np.mean([np.mean([0.8, 0.6]), 0.7, 0.5])
+    final = np.mean([np.mean([0.8, 0.6]), 0.55, 0.5])
     assert got["diet"]["rows"] == pytest.approx(rows)
     assert got["diet"]["final"] == pytest.approx(final)
     assert got["diet"]["finetune"] == pytest.approx(final - rows)
     assert got["diet"]["candidates_x_runs"] == 3
+    # Candidate a over the runs: rows (0.65 + 0.4) / 2 = 0.525 < b's 0.9, final (0.7 + 0.5) / 2
+    # = 0.6 > b's 0.55; Full Data puts a (0.99) above b (0.5): the rows rank the two wrongly,
+    # the final models rightly.
+    assert got["diet"]["rows_kendall"] == pytest.approx(-1.0)
+    assert got["diet"]["final_kendall"] == pytest.approx(1.0)
+    one = fidelity.phase_split([{"diet/a": run1["diet/a"], "full_data/a": run1["full_data/a"]}])
+    assert np.isnan(one["diet"]["rows_kendall"])  # one common candidate: undefined
 
 
 def test_fidelity_check_pools_a_variant_replicate_filled_from_its_base(tiny_run, tmp_path):

@@ -326,7 +326,23 @@ def phase_split(infos: list[dict], methods=("random", "el2n", "kmeans", "diet"))
     seeds of the runs' candidate_info: the rows phase's best epoch ("rows", scored on the
     evaluate.val_rows subsample that chose it, so a little optimistic, alike for every method)
     and the final model after the fine-tune ("final", the whole validation day). `infos`: the
-    runs' results.json["candidate_info"]; a method that none of them holds is left out."""
+    runs' results.json["candidate_info"]; a method that none of them holds is left out.
+
+    Where its ranking comes from, too: "rows_kendall" and "final_kendall", Kendall tau over the
+    candidates of the two phases' AUCs (a candidate's mean over runs of its seed means) against
+    Full Data's final validation AUCs (NaN without Full Data on two common candidates)."""
+
+    def per_model(method, value):  # {candidate: mean over runs of the seed mean}
+        got = {}
+        for info in infos:
+            for key, runs in info.items():
+                if key.split("/")[0] == method:
+                    got.setdefault(key.split("/", 1)[1], []).append(
+                        np.mean([value(r) for r in runs])
+                    )
+        return {m: float(np.mean(v)) for m, v in got.items()}
+
+    full = per_model("full_data", lambda r: r.get("val_auc", np.nan))
     out = {}
     for method in methods:
         rows, final = [], []
@@ -337,11 +353,17 @@ def phase_split(infos: list[dict], methods=("random", "el2n", "kmeans", "diet"))
                 rows.append(np.mean([np.nanmax(r["val_auc_per_epoch"]) for r in runs]))
                 final.append(np.mean([r["val_auc"] for r in runs]))
         if rows:
+            rows_m = per_model(method, lambda r: np.nanmax(r["val_auc_per_epoch"]))
+            final_m = per_model(method, lambda r: r["val_auc"])
+            common = sorted(set(full) & set(rows_m))
+            ref = [full[m] for m in common]
             out[method] = {
                 "rows": float(np.mean(rows)),
                 "final": float(np.mean(final)),
                 "finetune": float(np.mean(final) - np.mean(rows)),
                 "candidates_x_runs": len(rows),
+                "rows_kendall": kendall([rows_m[m] for m in common], ref),
+                "final_kendall": kendall([final_m[m] for m in common], ref),
             }
     return out
 
