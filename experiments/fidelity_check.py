@@ -195,7 +195,7 @@ def markdown(card: dict) -> str:
             "|---|---|---|---|---|",
         ]
         for m, v in card["phases"].items():
-            taus = f"{v.get('rows_kendall', math.nan):.2f} / {v.get('final_kendall', math.nan):.2f}"
+            taus = f"{v['rows_kendall']:.2f} / {v['final_kendall']:.2f}"
             out.append(
                 f"| {m} | {v['rows']:.4f} | {v['final']:.4f} | {v['finetune']:+.4f} | {taus} |"
             )

@@ -332,7 +332,7 @@ def phase_split(infos: list[dict], methods=("random", "el2n", "kmeans", "diet"))
     candidates of the two phases' AUCs (a candidate's mean over runs of its seed means) against
     Full Data's final validation AUCs (NaN without Full Data on two common candidates)."""
 
-    def per_model(method, value):  # {candidate: mean over runs of the seed mean}
+    def per_run(method, value):  # {candidate: [seed mean of each run that holds it]}
         got = {}
         for info in infos:
             for key, runs in info.items():
@@ -340,31 +340,30 @@ def phase_split(infos: list[dict], methods=("random", "el2n", "kmeans", "diet"))
                     got.setdefault(key.split("/", 1)[1], []).append(
                         np.mean([value(r) for r in runs])
                     )
-        return {m: float(np.mean(v)) for m, v in got.items()}
+        return got
 
-    full = per_model("full_data", lambda r: r.get("val_auc", np.nan))
+    full = {
+        m: np.mean(v) for m, v in per_run("full_data", lambda r: r.get("val_auc", np.nan)).items()
+    }
     out = {}
     for method in methods:
-        rows, final = [], []
-        for info in infos:
-            for key, runs in info.items():
-                if key.split("/")[0] != method:
-                    continue
-                rows.append(np.mean([np.nanmax(r["val_auc_per_epoch"]) for r in runs]))
-                final.append(np.mean([r["val_auc"] for r in runs]))
-        if rows:
-            rows_m = per_model(method, lambda r: np.nanmax(r["val_auc_per_epoch"]))
-            final_m = per_model(method, lambda r: r["val_auc"])
-            common = sorted(set(full) & set(rows_m))
-            ref = [full[m] for m in common]
-            out[method] = {
-                "rows": float(np.mean(rows)),
-                "final": float(np.mean(final)),
-                "finetune": float(np.mean(final) - np.mean(rows)),
-                "candidates_x_runs": len(rows),
-                "rows_kendall": kendall([rows_m[m] for m in common], ref),
-                "final_kendall": kendall([final_m[m] for m in common], ref),
-            }
+        rows_m = per_run(method, lambda r: np.nanmax(r["val_auc_per_epoch"]))
+        if not rows_m:
+            continue
+        final_m = per_run(method, lambda r: r["val_auc"])
+        # Pool means over every (candidate, run) entry; the taus over candidates.
+        rows = np.mean([v for vs in rows_m.values() for v in vs])
+        final = np.mean([v for vs in final_m.values() for v in vs])
+        common = sorted(set(full) & set(rows_m))
+        ref = [full[m] for m in common]
+        out[method] = {
+            "rows": float(rows),
+            "final": float(final),
+            "finetune": float(final - rows),
+            "candidates_x_runs": sum(len(vs) for vs in rows_m.values()),
+            "rows_kendall": kendall([np.mean(rows_m[m]) for m in common], ref),
+            "final_kendall": kendall([np.mean(final_m[m]) for m in common], ref),
+        }
     return out
 
 
