@@ -34,7 +34,16 @@ _FILL_FROM = flags.DEFINE_string(
     "fill_from", None, "A base run whose entries stand in for the methods the workdir lacks."
 )
 
-ORDER = ("full_data", "warmup_start", "cold_start", "random", "kmeans", "el2n", "diet")
+ORDER = (
+    "full_data",
+    "warm_full_data",
+    "warmup_start",
+    "cold_start",
+    "random",
+    "kmeans",
+    "el2n",
+    "diet",
+)
 
 
 def markdown(t: dict, params: dict[str, int]) -> str:

@@ -439,13 +439,43 @@ def test_every_method_is_timed_alike_without_compilation(tiny_reference):
         )
 
 
+def test_warm_full_data_is_full_data_from_the_teachers_table(tiny_reference):
+    """Warm Full Data trains every historical stage and the subsequent block (as Full Data) from
+    the teacher's table and a fresh dense network (as Warmup Start): at a vanishing rate nothing
+    moves, so its model is Warmup Start's, and not Full Data's (a random table)."""
+    from diet_jax.evaluate import protocol
+    from diet_jax.models import build_model
+
+    config, store, ref = tiny_reference
+    fmap = store.feature_map
+    historical = [s.name for s in fmap.stages_with_role("historical")]
+    subsequent = [s.name for s in fmap.stages_with_role("subsequent")]
+    model = build_model(config.model, fmap, name="dcn")
+    embed = ref.final.params["embed"]
+
+    def run(method, cfg):
+        return protocol.run_candidate(method, model, store, cfg, embed, None, 0)
+
+    warm = run("warm_full_data", config)
+    assert warm.info["stages"] == historical + subsequent
+    assert warm.info["historical_epochs"] == 1 and warm.info["historical_seconds"] > 0
+    assert warm.train_samples == run("full_data", config).train_samples
+    still = config.copy_and_resolve_references()
+    still.train.learning_rate = 1e-12  # the optimizers want a positive rate
+    still.train.adagrad_learning_rate = 1e-12
+    at_zero = {m: run(m, still).metrics["auc"] for m in ("warm_full_data", "warmup_start")}
+    assert at_zero["warm_full_data"] == pytest.approx(at_zero["warmup_start"], abs=1e-6)
+    assert abs(run("full_data", still).metrics["auc"] - at_zero["warmup_start"]) > 1e-3
+
+
 def test_tiny_run_covers_the_pool_with_seed_keys_and_both_cost_ratios(tiny_run):
-    from diet_jax.results import CANDIDATE_METHODS
+    from diet_jax.defaults import DEFAULT_METHODS
 
     workdir, res = tiny_run
     entries = [r for r in res["results"] if r["method"] != "reference"]
+    assert len(DEFAULT_METHODS) == 7 and "warm_full_data" not in DEFAULT_METHODS
     assert {(r["method"], r["model"]) for r in entries} == {
-        (m, c) for m in CANDIDATE_METHODS for c in ("dcn", "dcn_narrow", "wukong")
+        (m, c) for m in DEFAULT_METHODS for c in ("dcn", "dcn_narrow", "wukong")
     }
     for r in entries:
         assert r["seeds"] == [0] and len(r["per_seed"]) == 1 and r["auc_std"] == 0.0

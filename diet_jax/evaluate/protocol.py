@@ -13,8 +13,9 @@ grid, or of the seeds at the chosen rate, run as one vmapped group (`train/group
 
 Reference methods: full_data (from scratch, one epoch over every historical stage and the
 subsequent block, in time order), cold_start (from scratch, subsequent block only),
-warmup_start (teacher embeddings + fresh dense network, subsequent block only), all at
-train.learning_rate.
+warmup_start (teacher embeddings + fresh dense network, subsequent block only), warm_full_data
+(teacher embeddings + fresh dense network, every historical stage and the subsequent block:
+Full Data with the table every reduced method inherits), all at train.learning_rate.
 
 Timing is training only, for every method alike: compilation and a first call of every jitted
 function run untimed before its timed calls, and validation passes are outside the clock.
@@ -600,7 +601,11 @@ def finetune_and_test(
     return test, seconds, samples
 
 
-REFERENCE_METHODS = ("full_data", "cold_start", "warmup_start")
+REFERENCE_METHODS = ("full_data", "cold_start", "warmup_start", "warm_full_data")
+# Reference methods that start from the teacher's table (and continue its optimizer state).
+_TEACHER_TABLE = ("warmup_start", "warm_full_data")
+# Reference methods that train one epoch over every historical stage.
+_FULL_HISTORY = ("full_data", "warm_full_data")
 
 
 def finetune_rate(setting, rows_lr: float, config) -> float:
@@ -638,7 +643,7 @@ def _reference_run(
 ) -> CandidateResult:
     """One seed of a reference method at Adam step `lr`: one epoch per stage in `stages`.
     `score_test=False`: its metrics are a function that scores the test day (`_tested`)."""
-    if method == "warmup_start":
+    if method in _TEACHER_TABLE:
         params_dense, state = init_dense(model, seed)
         params = {"embed": teacher_embed, "dense": params_dense}
     else:
@@ -653,7 +658,7 @@ def _reference_run(
         seed,
         stages,
         timings=t,
-        embed_opt=embed_opt if method == "warmup_start" else None,
+        embed_opt=embed_opt if method in _TEACHER_TABLE else None,
         score_test=score_test,
     )
     hist = sum(t["stage_seconds"].get(s, 0.0) for s in historical)
@@ -661,7 +666,7 @@ def _reference_run(
         "stages": stages,
         "seed": seed,
         "historical_seconds": hist,
-        "historical_epochs": 1 if method == "full_data" else 0,
+        "historical_epochs": 1 if method in _FULL_HISTORY else 0,
         "finetune_seconds": seconds - hist,
         "stage_seconds": t["stage_seconds"],
         "timed_compiles": t["timed_compiles"],
@@ -708,9 +713,9 @@ def run_seeds(
     out = []
     ev = config.evaluate
     if method in REFERENCE_METHODS:
-        if method == "warmup_start":
+        if method in _TEACHER_TABLE:
             _check_embedding(model, teacher_embed)
-        stages = historical + subsequent if method == "full_data" else subsequent
+        stages = historical + subsequent if method in _FULL_HISTORY else subsequent
         ref_grid = [float(lr) for lr in ev.reference_lr_grid]
 
         def one(seed, lr, score_test=True):

@@ -18,6 +18,7 @@ METHOD_LABELS = {
     "full_data": "Full Data",
     "cold_start": "Cold Start",
     "warmup_start": "Warmup Start",
+    "warm_full_data": "Warm Full Data (teacher's table)",
     "random": "Random Selection",
     "kmeans": "K-Means Clustering",
     "el2n": "EL2N Selection",
