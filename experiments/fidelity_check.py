@@ -80,7 +80,10 @@ def scorecard(res: dict) -> dict:
     criteria = {
         "diet_above_random_on_4_of_5_backbones": (wins >= 4, f"{wins} of {len(per_backbone)}"),
         "diet_above_every_selection_on_pool_mean": (
-            all(pool.get("diet", -1) > pool.get(s, 2) for s in SELECTIONS if s in pool),
+            # Not passed vacuously: DIET and at least one selection must have run.
+            "diet" in pool
+            and any(s in pool for s in SELECTIONS)
+            and all(pool["diet"] > pool[s] for s in SELECTIONS if s in pool),
             ", ".join(f"{m} {pool[m]:.4f}" for m in ("diet", *SELECTIONS) if m in pool),
         ),
         "diet_kendall_at_least_0.8": (diet_tau >= 0.8, f"{diet_tau:.3f}"),

@@ -722,6 +722,31 @@ def test_lr_select_top_script_ranks_the_full_search_choice_by_the_rows_auc():
         script.choice_ranks(info)
 
 
+def test_fidelity_check_does_not_pass_the_selection_criterion_without_diet():
+    """experiments/fidelity_check.py: "DIET above every selection on the pool mean" needs DIET
+    and a selection in the run (a Full-Data-only run passed it vacuously)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "fidelity_check", os.path.join(ROOT, "experiments", "fidelity_check.py")
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def row(method, model, auc):
+        return {"method": method, "model": model, "auc": auc, "train_seconds": 1.0}
+
+    res = {"results": [row("full_data", "dcn", 0.70), row("full_data", "wukong", 0.71)]}
+    key = "diet_above_every_selection_on_pool_mean"
+    assert script.scorecard(res)["criteria"][key]["pass"] is False
+    res["results"] += [row("diet", "dcn", 0.69), row("diet", "wukong", 0.70)]
+    assert script.scorecard(res)["criteria"][key]["pass"] is False  # no selection ran
+    res["results"] += [row("random", "dcn", 0.68), row("random", "wukong", 0.69)]
+    assert script.scorecard(res)["criteria"][key]["pass"] is True
+    res["results"] += [row("kmeans", "dcn", 0.70), row("kmeans", "wukong", 0.71)]
+    assert script.scorecard(res)["criteria"][key]["pass"] is False
+
+
 def test_candidate_ranks_spreads_and_size_correlation_by_hand():
     """fidelity.candidate_ranks (experiments/rank_by_candidate.py) on three candidates: ranks in
     Full Data's order, spread, seed std, tau and Spearman against log(params), by hand."""
