@@ -178,6 +178,16 @@ def markdown(card: dict) -> str:
         out.append(f"| {k} | {'PASS' if v['pass'] else 'FAIL'} | {v['value']} |")
     if card["ceiling"]:
         out += ["", *report.ceiling_markdown(card["ceiling"])[:1]]
+    warm, diet = card["fidelity"].get("warm_full_data"), card["fidelity"].get("diet")
+    if warm and diet:
+        out += [
+            "",
+            f"Shared-table reference: Full Data from the teacher's table (warm_full_data) ranks "
+            f"the pool with Kendall tau {_ci(warm, 'kendall')}, DIET {_ci(diet, 'kendall')}. "
+            "Every reduced method's candidates inherit that table: what all of the history "
+            'gives from it is a reference for their tau (docs/evaluation.md, "What the shared '
+            'table costs the ranking").',
+        ]
     if card.get("spread_and_noise"):
         # How much of each method's ranking is its candidates and how much its seeds
         # (`fidelity.spread_and_noise`): a low SNR caps its tau whatever its bias.

@@ -745,6 +745,12 @@ def test_fidelity_check_does_not_pass_the_selection_criterion_without_diet():
     assert script.scorecard(res)["criteria"][key]["pass"] is True
     res["results"] += [row("kmeans", "dcn", 0.70), row("kmeans", "wukong", 0.71)]
     assert script.scorecard(res)["criteria"][key]["pass"] is False
+    # With Warm Full Data in the run, its tau is printed beside DIET's (the shared-table line).
+    assert "Shared-table reference" not in script.markdown(script.scorecard(res))
+    res["results"] += [row("warm_full_data", "dcn", 0.71), row("warm_full_data", "wukong", 0.70)]
+    res["fidelity"] = fidelity.fidelity_table(res["results"], bootstrap=0)
+    text = script.markdown(script.scorecard(res))
+    assert "(warm_full_data) ranks the pool with Kendall tau -1.000, DIET 1.000" in text
 
 
 def test_candidate_ranks_spreads_and_size_correlation_by_hand():
