@@ -3,6 +3,7 @@
 import dataclasses
 import itertools
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -722,34 +723,45 @@ def test_lr_select_top_script_ranks_the_full_search_choice_by_the_rows_auc():
         script.choice_ranks(info)
 
 
-def test_fidelity_check_does_not_pass_the_selection_criterion_without_diet():
+def test_fidelity_check_does_not_pass_the_selection_criterion_without_diet(tmp_path):
     """experiments/fidelity_check.py: "DIET above every selection on the pool mean" needs DIET
-    and a selection in the run (a Full-Data-only run passed it vacuously)."""
-    import importlib.util
+    and a selection in the run (a run without either passed it vacuously); with Warm Full Data
+    in the run its tau is printed beside DIET's (the shared-table line). In a subprocess: the
+    script defines absl flags that diet_jax.main, imported by other tests, also defines."""
+    import json
+    import subprocess
 
-    spec = importlib.util.spec_from_file_location(
-        "fidelity_check", os.path.join(ROOT, "experiments", "fidelity_check.py")
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from diet_jax import results as results_lib
 
     def row(method, model, auc):
         return {"method": method, "model": model, "auc": auc, "train_seconds": 1.0}
 
-    res = {"results": [row("full_data", "dcn", 0.70), row("full_data", "wukong", 0.71)]}
+    def card(methods: dict) -> tuple[dict, str]:
+        models = ("dcn", "wukong")
+        rows = [row(m, c, a) for m, a2 in methods.items() for c, a in zip(models, a2, strict=True)]
+        workdir = tmp_path / "_".join(methods)
+        workdir.mkdir()
+        res = {"results": rows, "fidelity": fidelity.fidelity_table(rows, bootstrap=0)}
+        results_lib.save(str(workdir), res)
+        out = workdir / "card.json"
+        done = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "experiments", "fidelity_check.py"),
+             f"--workdir={workdir}", f"--json_out={out}"],
+            capture_output=True, text=True, cwd=ROOT, check=True,
+        )  # fmt: skip
+        return json.loads(out.read_text())["criteria"], done.stdout
+
     key = "diet_above_every_selection_on_pool_mean"
-    assert script.scorecard(res)["criteria"][key]["pass"] is False
-    res["results"] += [row("diet", "dcn", 0.69), row("diet", "wukong", 0.70)]
-    assert script.scorecard(res)["criteria"][key]["pass"] is False  # no selection ran
-    res["results"] += [row("random", "dcn", 0.68), row("random", "wukong", 0.69)]
-    assert script.scorecard(res)["criteria"][key]["pass"] is True
-    res["results"] += [row("kmeans", "dcn", 0.70), row("kmeans", "wukong", 0.71)]
-    assert script.scorecard(res)["criteria"][key]["pass"] is False
-    # With Warm Full Data in the run, its tau is printed beside DIET's (the shared-table line).
-    assert "Shared-table reference" not in script.markdown(script.scorecard(res))
-    res["results"] += [row("warm_full_data", "dcn", 0.71), row("warm_full_data", "wukong", 0.70)]
-    res["fidelity"] = fidelity.fidelity_table(res["results"], bootstrap=0)
-    text = script.markdown(script.scorecard(res))
+    full = {"full_data": (0.70, 0.71)}
+    crit, _ = card({**full, "random": (0.68, 0.69)})  # no DIET
+    assert crit[key]["pass"] is False
+    crit, _ = card({**full, "diet": (0.69, 0.70)})  # no selection
+    assert crit[key]["pass"] is False
+    crit, text = card({**full, "diet": (0.69, 0.70), "random": (0.68, 0.69)})
+    assert crit[key]["pass"] is True and "Shared-table reference" not in text
+    crit, text = card(
+        {**full, "diet": (0.69, 0.70), "random": (0.68, 0.69), "warm_full_data": (0.71, 0.70)}
+    )
     assert "(warm_full_data) ranks the pool with Kendall tau -1.000, DIET 1.000" in text
 
 
