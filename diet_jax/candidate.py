@@ -7,9 +7,9 @@
 The candidate trains under the project's protocol (`evaluate.protocol.run_candidate`) on the
 run's own stage store, final teacher and memories: DIET's distilled dataset (distilled.npz),
 a selection baseline's rows (`<workdir>/baselines/<method>`), or the real stages (full_data,
-cold_start, warmup_start, warm_full_data). Nothing is trained again but the candidate. With `save=True` (the
-command line) the row goes into results.json and report.md (and its figure); nothing else in
-the workdir is written.
+cold_start, warmup_start, warm_full_data). Nothing is trained again but the candidate. With
+`save=True` (the command line) the row goes into results.json and report.md (and its figure);
+nothing else in the workdir is written.
 """
 
 from __future__ import annotations

@@ -18,9 +18,10 @@ The file is strict JSON: a value with no finite number (a ratio with no historic
 diverged rate's AUC) is written as null; `read` (and `load_or_new`) give it back as NaN.
 
 Methods: reference (the teacher itself), full_data, cold_start, warmup_start, warm_full_data,
-random, kmeans, el2n, diet (warm_full_data is run on demand only: `defaults.DEFAULT_METHODS`). "model" is the candidate's name (the base candidates are named after their
-backbones: dcn, dcnv2, finalnet, finalmlp, wukong). A rerun updates entries in place, keyed by
-(method, model); "auc" and the other metrics are means over the entry's seeds.
+random, kmeans, el2n, diet (warm_full_data is run on demand only: `defaults.DEFAULT_METHODS`).
+"model" is the candidate's name (the base candidates are named after their backbones: dcn,
+dcnv2, finalnet, finalmlp, wukong). A rerun updates entries in place, keyed by (method,
+model); "auc" and the other metrics are means over the entry's seeds.
 """
 
 from __future__ import annotations
